@@ -1,0 +1,96 @@
+# Config validation and the helpers that turn the config into file lists. No rules here.
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import min_version, validate
+
+from superposition import config as sp_config
+from superposition.provenance import module_hash
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+validate(config, "../workflow/schemas/config.schema.yaml")
+try:
+    sp_config.validate(config)
+except (sp_config.ConfigError, ValueError, IndexError) as err:
+    raise WorkflowError(f"config error: {err}")
+
+RESULTS = config["results"]
+MODELS = list(config["models"])
+SHARDS = list(range(config["corpus"]["n_shards"]))
+USE_KNOWN_FILTER = not config["facts"].get("case_ids")
+
+# Snakemake does not see the library modules a script imports: each rule passes the hash of the
+# modules it uses as a param, so editing one reruns exactly the rules that depend on it.
+CODE = {
+    "models": module_hash("superposition.models", "superposition.pipeline"),
+    "corpus": module_hash("superposition.corpus", "superposition.pipeline"),
+    "stats": module_hash("superposition.stats", "superposition.models"),
+    "merge": module_hash("superposition.stats", "superposition.pipeline"),
+    "whitening": module_hash("superposition.whitening", "superposition.pipeline"),
+    "facts": module_hash("superposition.facts", "superposition.keys", "superposition.pipeline"),
+    "matrices": module_hash("superposition.matrices", "superposition.pipeline"),
+}
+
+
+wildcard_constraints:
+    model="|".join(MODELS),
+    layer=r"\d+",
+    shard=r"\d+",
+    block=r"\d+",
+
+
+def res(path):
+    """A path below the results directory."""
+    return f"{RESULTS}/{path}"
+
+
+def layers_of(model):
+    return sp_config.model_layers(config, model)
+
+
+def blocks_of(model):
+    return sp_config.layer_blocks(config, model)
+
+
+def block_of(model, layer):
+    for index, block in enumerate(blocks_of(model)):
+        if int(layer) in block:
+            return index
+    raise WorkflowError(f"layer {layer} is not among the configured layers of {model}: {layers_of(model)}")
+
+
+def stats_for_layer(wildcards):
+    block = block_of(wildcards.model, wildcards.layer)
+    return [
+        res(f"stats/{wildcards.model}/shard-{shard}.block-{block}.h5") for shard in SHARDS
+    ]
+
+
+def prediction_files(wildcards):
+    if not USE_KNOWN_FILTER:
+        return []
+    return [res(f"facts/predictions/{model}.tsv") for model in MODELS]
+
+
+def facts_input():
+    """The facts file as a workflow input, so editing it reruns the fact rules."""
+    from superposition.facts import probe_facts_path
+
+    source = config["facts"].get("source", "probe")
+    if source == "probe":
+        return str(probe_facts_path())
+    if config["facts"].get("path"):
+        return config["facts"]["path"]
+    return []
+
+
+def all_layer_files(pattern):
+    return [res(pattern.format(model=m, layer=l)) for m in MODELS for l in layers_of(m)]
+
+
+def stats_threads():
+    return max(1, workflow.cores or 1)

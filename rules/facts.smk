@@ -1,0 +1,61 @@
+rule fact_predictions:
+    input:
+        model=res("models/{model}/model.json"),
+        facts=facts_input(),
+    output:
+        res("facts/predictions/{model}.tsv"),
+    params:
+        facts=config["facts"],
+        stats=config["stats"],
+        code=CODE["facts"],
+    log:
+        res("logs/fact_predictions/{model}.log"),
+    benchmark:
+        res("benchmarks/fact_predictions/{model}.tsv")
+    threads: 2
+    resources:
+        mem_mb=8000,
+    script:
+        "../workflow/scripts/fact_predictions.py"
+
+
+rule known_facts:
+    input:
+        predictions=prediction_files,
+        facts=facts_input(),
+    output:
+        table=res("facts/known_facts.tsv"),
+        selection=res("facts/selection.json"),
+    params:
+        models=MODELS,
+        facts=config["facts"],
+        code=CODE["facts"],
+    log:
+        res("logs/known_facts.log"),
+    benchmark:
+        res("benchmarks/known_facts.tsv")
+    threads: 1
+    script:
+        "../workflow/scripts/known_facts.py"
+
+
+rule keys:
+    input:
+        model=res("models/{model}/model.json"),
+        selection=res("facts/selection.json"),
+    output:
+        res("keys/{model}.h5"),
+    params:
+        layers=lambda w: layers_of(w.model),
+        facts=config["facts"],
+        stats=config["stats"],
+        code=CODE["facts"],
+    log:
+        res("logs/keys/{model}.log"),
+    benchmark:
+        res("benchmarks/keys/{model}.tsv")
+    threads: 2
+    resources:
+        mem_mb=8000,
+    script:
+        "../workflow/scripts/keys.py"

@@ -1,0 +1,62 @@
+rule activation_stats:
+    input:
+        model=res("models/{model}/model.json"),
+        shard=res("corpus/{model}/shard-{shard}.h5"),
+    output:
+        res("stats/{model}/shard-{shard}.block-{block}.h5"),
+    params:
+        layers=lambda w: blocks_of(w.model)[int(w.block)],
+        stats=config["stats"],
+        checkpoint=lambda w: res(
+            f"checkpoints/{w.model}/shard-{w.shard}.block-{w.block}.h5"
+        ),
+        code=CODE["stats"],
+    log:
+        res("logs/activation_stats/{model}/shard-{shard}.block-{block}.log"),
+    benchmark:
+        res("benchmarks/activation_stats/{model}/shard-{shard}.block-{block}.tsv")
+    threads: stats_threads()
+    resources:
+        mem_mb=16000,
+    script:
+        "../workflow/scripts/activation_stats.py"
+
+
+rule covariance:
+    input:
+        model=res("models/{model}/model.json"),
+        manifest=res("corpus/{model}/manifest.json"),
+        stats=stats_for_layer,
+    output:
+        res("covariance/{model}/layer-{layer}.h5"),
+    params:
+        code=CODE["merge"],
+    log:
+        res("logs/covariance/{model}/layer-{layer}.log"),
+    benchmark:
+        res("benchmarks/covariance/{model}/layer-{layer}.tsv")
+    threads: 1
+    resources:
+        mem_mb=4000,
+    script:
+        "../workflow/scripts/covariance.py"
+
+
+rule whitening:
+    input:
+        model=res("models/{model}/model.json"),
+        covariance=res("covariance/{model}/layer-{layer}.h5"),
+    output:
+        res("whitening/{model}/layer-{layer}.h5"),
+    params:
+        ridge=config["whitening"]["ridge"],
+        code=CODE["whitening"],
+    log:
+        res("logs/whitening/{model}/layer-{layer}.log"),
+    benchmark:
+        res("benchmarks/whitening/{model}/layer-{layer}.tsv")
+    threads: 1
+    resources:
+        mem_mb=4000,
+    script:
+        "../workflow/scripts/whitening.py"

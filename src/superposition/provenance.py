@@ -1,0 +1,156 @@
+"""Provenance records carried by every artifact, atomic HDF5/JSON writing, and consumer-side checks."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import platform
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+import h5py
+import numpy as np
+
+from . import __version__
+
+
+class ProvenanceError(ValueError):
+    """An artifact does not belong to what its consumer expects (other model, width, corpus, layer...)."""
+
+
+def module_hash(*modules: str) -> str:
+    """sha256 over the source files of the given modules, without importing them.
+
+    Snakemake does not see which library code a script imports; rules pass this as a param so that
+    editing e.g. ``superposition.stats`` reruns exactly the rules that use it.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(modules):
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None:
+            raise ImportError(f"cannot locate module {name!r} to hash it")
+        digest.update(name.encode())
+        digest.update(Path(spec.origin).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def code_version() -> str:
+    return f"superposition {__version__}"
+
+
+def environment() -> dict[str, str]:
+    import torch
+    import transformers
+
+    return {
+        "code_version": code_version(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling path; it replaces ``path`` only if the block finishes.
+
+    Nothing half-written is ever left under the final name.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp)
+        elif tmp.exists():
+            tmp.unlink()
+
+
+def write_json(path: str | os.PathLike, payload: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ProvenanceError(f"{path}: not valid JSON ({err})") from err
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def set_attrs(obj: h5py.Group | h5py.Dataset, record: dict[str, Any]) -> None:
+    """Store a provenance dict as HDF5 attributes (nested values as JSON strings)."""
+    for key, value in record.items():
+        if value is None:
+            obj.attrs[key] = "null"
+        elif isinstance(value, (dict, list, tuple)):
+            obj.attrs[key] = json.dumps(value, default=_json_default)
+        else:
+            obj.attrs[key] = value
+
+
+def get_attrs(obj: h5py.Group | h5py.Dataset) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in obj.attrs.items():
+        if isinstance(value, bytes):
+            value = value.decode()
+        if isinstance(value, str):
+            if value == "null":
+                value = None
+            elif value[:1] in "[{":
+                try:
+                    value = json.loads(value)
+                except json.JSONDecodeError:
+                    pass
+        elif isinstance(value, np.generic):
+            value = value.item()
+        out[key] = value
+    return out
+
+
+def open_h5(path: str | os.PathLike, what: str) -> h5py.File:
+    """Open an artifact for reading; a missing, truncated or corrupt file is an error naming it."""
+    try:
+        return h5py.File(path, "r")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} file {path} does not exist") from None
+    except OSError as err:
+        raise ProvenanceError(f"{what} file {path} is corrupt or truncated ({err})") from err
+
+
+def expect(record: dict[str, Any], path: str | os.PathLike, **expected: Any) -> None:
+    """Check provenance fields of an artifact; a mismatch names the file, the field and both values."""
+    for key, want in expected.items():
+        have = record.get(key)
+        if have != want:
+            raise ProvenanceError(
+                f"{path}: {key} is {have!r} but {want!r} was expected; this artifact belongs to another "
+                f"run (delete it or fix the config)"
+            )

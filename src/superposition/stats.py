@@ -1,0 +1,324 @@
+"""Uncentred second moment of the keys, ``C = (1/N) sum_t k_t k_t^T``, for many layers in one forward pass.
+
+One pass over a shard's tokens hooks the down projection of every requested layer; each hook adds the batch's
+Gram ``K^T K`` (real tokens only: pad tokens never count) into a float64 accumulator and drops the activations.
+The forward stops right after the last requested layer (no later blocks, final norm or LM head). Sums from
+several shards merge exactly; a job checkpoints its sums and resumes after a crash with an identical result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import h5py
+import numpy as np
+
+from .models import blocks, check_layers, key_module, key_width
+from .provenance import ProvenanceError, atomic_path, get_attrs, open_h5, set_attrs
+
+GRAM_DTYPES = ("float32", "float64")
+
+
+class NonFiniteActivationError(FloatingPointError):
+    pass
+
+
+class StopForward(Exception):
+    """Raised by the last hook: nothing after the last requested layer is computed."""
+
+
+def layer_blocks(n_layers: int, layers: Sequence[int], block_size: int | None) -> list[list[int]]:
+    """Split the requested layers into jobs of at most ``block_size`` layers (None: one job)."""
+    layers = sorted(set(int(x) for x in layers))
+    check_layers(layers, n_layers, "model")
+    if not block_size:
+        return [layers]
+    return [layers[i:i + block_size] for i in range(0, len(layers), block_size)]
+
+
+def token_batches(lengths: Sequence[int], max_tokens: int, max_batch: int) -> list[list[int]]:
+    """Deterministic batches of document indices, longest first so padding stays small.
+
+    A batch holds at most ``max_batch`` documents and at most ``max_tokens`` padded positions
+    (a single document longer than that gets a batch of its own).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        if lengths[i] == 0:
+            continue
+        width = lengths[current[0]] if current else lengths[i]
+        if current and (width * (len(current) + 1) > max_tokens or len(current) >= max_batch):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def pad_batch(docs: Sequence[np.ndarray], pad_id: int):
+    """Right-padded ids, attention mask and explicit position ids (0.. for every document)."""
+    import torch
+
+    width = max(len(d) for d in docs)
+    ids = torch.full((len(docs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(docs), width), dtype=torch.long)
+    for row, doc in enumerate(docs):
+        ids[row, : len(doc)] = torch.as_tensor(doc, dtype=torch.long)
+        mask[row, : len(doc)] = 1
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    return ids, mask, positions
+
+
+@dataclass
+class GramAccumulator:
+    """Float64 sums of k k^T per layer, filled by forward-pre hooks on the down projections."""
+
+    model: Any
+    layers: list[int]
+    gram_dtype: str = "float32"
+    sums: dict[int, Any] = field(default_factory=dict)
+    count: int = 0
+
+    def __post_init__(self):
+        import torch
+
+        if self.gram_dtype not in GRAM_DTYPES:
+            raise ValueError(
+                f"stats.gram_dtype {self.gram_dtype!r} is refused: the batch Gram must be float32 or float64 "
+                f"(fp16/bf16 sums lose the small eigenvalues that C^-1 depends on)"
+            )
+        self._torch = torch
+        self._dtype = getattr(torch, self.gram_dtype)
+        device = next(self.model.parameters()).device
+        self.layers = sorted(set(self.layers))
+        check_layers(self.layers, len(blocks(self.model)), self.model.config.model_type)
+        for layer in self.layers:
+            d_m = key_width(key_module(self.model, layer))
+            if layer not in self.sums:
+                self.sums[layer] = torch.zeros((d_m, d_m), dtype=torch.float64, device=device)
+        self._mask = None
+        self._finite: list = []
+        self._handles: list = []
+
+    def _hook(self, layer: int) -> Callable:
+        last = self.layers[-1]
+
+        def hook(module, args):
+            keys = args[0][self._mask].to(self._dtype)
+            gram = keys.T @ keys
+            self._finite.append(self._torch.isfinite(gram).all())
+            self.sums[layer] += gram
+            if layer == last:
+                raise StopForward
+            return None
+
+        return hook
+
+    def __enter__(self):
+        for layer in self.layers:
+            self._handles.append(key_module(self.model, layer).register_forward_pre_hook(self._hook(layer)))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        return False
+
+    def add_batch(self, ids, mask, positions, batch_index: int) -> int:
+        torch = self._torch
+        device = next(self.model.parameters()).device
+        ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
+        self._mask = mask.bool()
+        self._finite.clear()
+        with torch.inference_mode():
+            try:
+                self.model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+            except StopForward:
+                pass
+        flags = torch.stack(self._finite).cpu().tolist()
+        if len(flags) != len(self.layers):
+            raise RuntimeError(f"expected {len(self.layers)} hooked layers to run, {len(flags)} did")
+        for layer, ok in zip(self.layers, flags):
+            if not ok:
+                raise NonFiniteActivationError(f"NaN or Inf in the keys of layer {layer} at batch {batch_index}")
+        n = int(mask.sum().item())
+        self.count += n
+        return n
+
+
+def set_matmul_precision(allow_tf32: bool) -> None:
+    import torch
+
+    # "highest" keeps fp32 matmuls in true fp32 (no TF32) on Ampere+ GPUs.
+    torch.set_float32_matmul_precision("high" if allow_tf32 else "highest")
+
+
+def plan_digest(lengths: Sequence[int], batches: Sequence[Sequence[int]], layers: Sequence[int]) -> str:
+    digest = hashlib.sha256()
+    digest.update(np.asarray(lengths, dtype=np.int64).tobytes())
+    for batch in batches:
+        digest.update(np.asarray(batch, dtype=np.int64).tobytes() + b"|")
+    digest.update(np.asarray(layers, dtype=np.int64).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _save_sums(path, accumulator: GramAccumulator, record: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            set_attrs(f, {**record, "count": accumulator.count, "layers": accumulator.layers})
+            for layer in accumulator.layers:
+                dset = f.create_dataset(f"layer_{layer}/sum", data=accumulator.sums[layer].cpu().numpy())
+                dset.attrs["count"] = accumulator.count
+
+
+def _load_checkpoint(path, accumulator: GramAccumulator, plan: str) -> int:
+    """Restore sums from a checkpoint of the same plan; returns the next batch index (0 if unusable)."""
+    import torch
+
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = get_attrs(f)
+            if attrs.get("plan") != plan:
+                return 0
+            for layer in accumulator.layers:
+                accumulator.sums[layer].copy_(torch.from_numpy(f[f"layer_{layer}/sum"][()]))
+            accumulator.count = int(attrs["count"])
+            return int(attrs["next_batch"])
+    except (OSError, KeyError):
+        return 0
+
+
+def collect_second_moments(
+    model,
+    docs: Sequence[np.ndarray],
+    layers: Sequence[int],
+    out_path: str | os.PathLike,
+    record: dict[str, Any],
+    *,
+    pad_id: int,
+    max_tokens: int = 4096,
+    max_batch: int = 64,
+    gram_dtype: str = "float32",
+    allow_tf32: bool = False,
+    checkpoint_path: str | os.PathLike | None = None,
+    checkpoint_every: int = 50,
+    progress: bool = True,
+    _crash_after: int | None = None,
+) -> dict[str, Any]:
+    """Sum k k^T over all real tokens of ``docs`` for every layer in one forward pass per batch; write ``out_path``."""
+    from tqdm import tqdm
+
+    set_matmul_precision(allow_tf32)
+    lengths = [len(d) for d in docs]
+    batches = token_batches(lengths, max_tokens, max_batch)
+    plan = plan_digest(lengths, batches, sorted(set(layers)))
+    accumulator = GramAccumulator(model, list(layers), gram_dtype)
+    start = 0
+    if checkpoint_path and Path(checkpoint_path).exists():
+        start = _load_checkpoint(checkpoint_path, accumulator, plan)
+        if start:
+            print(f"resuming from {checkpoint_path} at batch {start}/{len(batches)} ({accumulator.count} tokens)")
+    total = sum(lengths)
+    done_before = accumulator.count
+    t0 = time.perf_counter()
+    bar = tqdm(total=total, initial=done_before, unit="tok", unit_scale=True, disable=not progress,
+               desc=f"second moments, {len(accumulator.layers)} layers", mininterval=5)
+    with accumulator:
+        for index in range(start, len(batches)):
+            ids, mask, positions = pad_batch([docs[i] for i in batches[index]], pad_id)
+            bar.update(accumulator.add_batch(ids, mask, positions, index))
+            if checkpoint_path and (index + 1) % checkpoint_every == 0 and index + 1 < len(batches):
+                _save_sums(checkpoint_path, accumulator, {"plan": plan, "next_batch": index + 1})
+            if _crash_after is not None and index + 1 == _crash_after:
+                os._exit(17)  # test hook: die like a killed job, without cleanup
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    if accumulator.count != total:
+        raise RuntimeError(f"counted {accumulator.count} tokens but the shard has {total}")
+    throughput = (total - done_before) / elapsed if elapsed > 0 else float("nan")
+    summary = {
+        **record,
+        "plan": plan,
+        "n_tokens": total,
+        "n_batches": len(batches),
+        "gram_dtype": gram_dtype,
+        "accumulator_dtype": "float64",
+        "model_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "device": str(next(model.parameters()).device),
+        "allow_tf32": allow_tf32,
+        "seconds": elapsed,
+        "tokens_per_second": throughput,
+    }
+    _save_sums(out_path, accumulator, summary)
+    if checkpoint_path and Path(checkpoint_path).exists():
+        Path(checkpoint_path).unlink()
+    print(f"{total} tokens, {len(accumulator.layers)} layers, {elapsed:.1f} s, {throughput:.0f} tokens/s")
+    return summary
+
+
+# ------------------------------------------------------------------------------------------ merging
+
+
+def merge_layer(paths: Sequence[str | os.PathLike], layer: int, *, model: str, d_m: int, corpus_fingerprint: str,
+                n_shards: int) -> tuple[np.ndarray, int, list[dict[str, Any]]]:
+    """Sum one layer's S and counts over shard files, in the given (fixed) order. Exact: float64 throughout."""
+    total = None
+    count = 0
+    records = []
+    seen_shards = set()
+    for path in paths:
+        with open_h5(path, "activation statistics") as f:
+            attrs = get_attrs(f)
+            if attrs.get("model") != model:
+                raise ProvenanceError(f"{path} holds statistics of model {attrs.get('model')!r}, expected {model!r}")
+            if attrs.get("d_m") != d_m:
+                raise ProvenanceError(f"{path} has key width d_m={attrs.get('d_m')}, expected {d_m} for {model!r}")
+            if attrs.get("corpus_fingerprint") != corpus_fingerprint:
+                raise ProvenanceError(f"{path} was computed on another corpus (fingerprint "
+                                      f"{attrs.get('corpus_fingerprint')!r}, expected {corpus_fingerprint!r})")
+            name = f"layer_{layer}/sum"
+            if name not in f:
+                raise ProvenanceError(f"{path} has no statistics for layer {layer} (it holds {attrs.get('layers')})")
+            try:
+                part = f[name][()]
+            except OSError as err:
+                raise ProvenanceError(f"{path}: cannot read {name} ({err}); the file is truncated or corrupt") from err
+            if part.shape != (d_m, d_m) or part.dtype != np.float64:
+                raise ProvenanceError(f"{path}: {name} has shape {part.shape} {part.dtype}, expected ({d_m}, {d_m}) float64")
+            total = part if total is None else total + part
+            count += int(f[name].attrs["count"])
+            seen_shards.add(attrs.get("shard"))
+            records.append({"path": str(path), "shard": attrs.get("shard"), "n_tokens": attrs.get("n_tokens")})
+    if seen_shards != set(range(n_shards)):
+        raise ProvenanceError(f"expected shards 0..{n_shards - 1}, got {sorted(seen_shards, key=str)}")
+    return total, count, records
+
+
+def write_covariance(path, second_moment: np.ndarray, count: int, record: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("C", data=second_moment)
+            set_attrs(f, {**record, "n_tokens": count, "dtype": "float64", "centred": False})
+
+
+def read_covariance(path, *, model: str, layer: int, d_m: int) -> tuple[np.ndarray, dict[str, Any]]:
+    with open_h5(path, "covariance") as f:
+        attrs = get_attrs(f)
+        if attrs.get("model") != model or attrs.get("layer") != layer:
+            raise ProvenanceError(
+                f"{path} is the covariance of model {attrs.get('model')!r} layer {attrs.get('layer')}, "
+                f"expected model {model!r} layer {layer}"
+            )
+        C = f["C"][()]
+    if C.shape != (d_m, d_m):
+        raise ProvenanceError(f"{path}: covariance has width {C.shape[0]} but model {model!r} has d_m {d_m}")
+    return C, attrs

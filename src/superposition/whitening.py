@@ -1,0 +1,76 @@
+"""Spectrum, Cholesky factor and whitening transform C^{-1/2} of a key second moment, in float64."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import h5py
+import numpy as np
+import scipy.linalg
+
+from .provenance import ProvenanceError, atomic_path, get_attrs, open_h5, set_attrs
+
+
+class SingularCovarianceError(np.linalg.LinAlgError):
+    pass
+
+
+@dataclass
+class Whitening:
+    eigenvalues: np.ndarray  # ascending, of C + ridge*I
+    cholesky: np.ndarray  # lower L with L L^T = C + ridge*I
+    inv_sqrt: np.ndarray  # (C + ridge*I)^{-1/2}, symmetric
+    ridge: float
+
+    @property
+    def condition_number(self) -> float:
+        return float(self.eigenvalues[-1] / self.eigenvalues[0])
+
+
+def whiten(C: np.ndarray, *, ridge: float = 0.0, layer: Any = "?", n_tokens: int | None = None,
+           rcond: float = 1e-12) -> Whitening:
+    """Factorise ``C + ridge*I``; a singular (or numerically singular) C without ridge is an error."""
+    C = np.asarray(C, dtype=np.float64)
+    if C.ndim != 2 or C.shape[0] != C.shape[1]:
+        raise ValueError(f"layer {layer}: covariance must be square, got shape {C.shape}")
+    if not np.isfinite(C).all():
+        raise ValueError(f"layer {layer}: covariance contains NaN or Inf")
+    d = C.shape[0]
+    A = C + ridge * np.eye(d) if ridge else C
+    eigenvalues, eigenvectors = scipy.linalg.eigh(A)
+    smallest, largest = float(eigenvalues[0]), float(eigenvalues[-1])
+    if smallest <= rcond * largest:
+        hint = ""
+        if n_tokens is not None and n_tokens < d:
+            hint = f" C was estimated from {n_tokens} tokens, fewer than its width {d}: use more corpus documents,"
+        raise SingularCovarianceError(
+            f"layer {layer}: the key second moment is singular (smallest eigenvalue {smallest:.3e}, largest "
+            f"{largest:.3e}, ratio below {rcond:g}).{hint} or set matrices.ridge > 0 to regularise C + ridge*I"
+        )
+    cholesky = scipy.linalg.cholesky(A, lower=True)
+    inv_sqrt = (eigenvectors / np.sqrt(eigenvalues)) @ eigenvectors.T
+    return Whitening(eigenvalues, cholesky, inv_sqrt, float(ridge))
+
+
+def write_whitening(path, w: Whitening, record: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("eigenvalues", data=w.eigenvalues)
+            f.create_dataset("cholesky", data=w.cholesky)
+            f.create_dataset("inv_sqrt", data=w.inv_sqrt)
+            set_attrs(f, {**record, "ridge": w.ridge, "condition_number": w.condition_number,
+                          "min_eigenvalue": float(w.eigenvalues[0]), "max_eigenvalue": float(w.eigenvalues[-1]),
+                          "dtype": "float64"})
+
+
+def read_whitening(path, *, model: str, layer: int, d_m: int) -> tuple[Whitening, dict[str, Any]]:
+    with open_h5(path, "whitening") as f:
+        attrs = get_attrs(f)
+        if attrs.get("model") != model or attrs.get("layer") != layer:
+            raise ProvenanceError(f"{path} is the whitening of model {attrs.get('model')!r} layer "
+                                  f"{attrs.get('layer')}, expected model {model!r} layer {layer}")
+        w = Whitening(f["eigenvalues"][()], f["cholesky"][()], f["inv_sqrt"][()], float(attrs["ridge"]))
+    if w.cholesky.shape != (d_m, d_m):
+        raise ProvenanceError(f"{path}: whitening has width {w.cholesky.shape[0]}, model {model!r} has d_m {d_m}")
+    return w, attrs
