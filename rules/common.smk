@@ -9,7 +9,11 @@ from superposition.provenance import module_hash
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# A --configfile that names its own models is a complete config (e.g. config/paper.yaml); otherwise the
+# embedded default is the base that --config/--configfile values extend.
+if "models" not in config:
+
+    configfile: "config/config.yaml"
 
 
 validate(config, "../workflow/schemas/config.schema.yaml")

@@ -170,7 +170,7 @@ def write_shard(path: str | os.PathLike, docs: Sequence[np.ndarray], doc_ids: Se
         with h5py.File(tmp, "w") as f:
             f.create_dataset("tokens", data=np.concatenate(docs) if docs else np.zeros(0, np.int32), compression="gzip")
             f.create_dataset("offsets", data=offsets)
-            f.create_dataset("doc_ids", data=np.array(list(doc_ids), dtype=h5py.string_dtype()))
+            f.create_dataset("doc_ids", data=list(doc_ids), dtype=h5py.string_dtype())
             set_attrs(f, {**record, "n_documents": len(docs), "n_tokens": int(offsets[-1]),
                           "token_fingerprint": token_fingerprint(docs)})
 

@@ -178,7 +178,7 @@ def write_keys(path, keys: np.ndarray, case_ids: Sequence[int], token_index: Seq
             f.create_dataset("case_ids", data=np.asarray(case_ids, dtype=np.int64))
             f.create_dataset("layers", data=np.asarray(layers, dtype=np.int64))
             f.create_dataset("token_index", data=np.asarray(token_index, dtype=np.int64))
-            f.create_dataset("token_str", data=np.array(list(token_str), dtype=h5py.string_dtype()))
+            f.create_dataset("token_str", data=list(token_str), dtype=h5py.string_dtype())
             set_attrs(f, {**record, "keys_dtype": str(keys.dtype)})
 
 

@@ -14,6 +14,7 @@ Families are chosen by ``config.model_type``, never by the model's name.
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import importlib.util
 import json
@@ -129,8 +130,6 @@ def locate_gguf(package: str, cache_dir: str | os.PathLike) -> Path:
         if len(found) != 1:
             raise UnsupportedModelError(f"package {package!r} should ship exactly one .gguf file, found {found}")
         return found[0]
-    import importlib
-
     module = importlib.import_module(info["module"])
     return Path(module.assemble(Path(cache_dir) / module.MODEL_NAME))
 

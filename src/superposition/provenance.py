@@ -110,8 +110,12 @@ def set_attrs(obj: h5py.Group | h5py.Dataset, record: dict[str, Any]) -> None:
     for key, value in record.items():
         if value is None:
             obj.attrs[key] = "null"
-        elif isinstance(value, (dict, list, tuple)):
+        elif isinstance(value, (dict, list, tuple, np.ndarray)):
             obj.attrs[key] = json.dumps(value, default=_json_default)
+        elif isinstance(value, np.generic):
+            obj.attrs[key] = value.item()
+        elif isinstance(value, str):
+            obj.attrs[key] = str(value)
         else:
             obj.attrs[key] = value
 
