@@ -31,12 +31,16 @@ class Fact:
 
     @property
     def text(self) -> str:
+        self.subject_span  # noqa: B018 - raises FactError when the prompt has no '{}'
         return self.prompt.replace("{}", self.subject, 1)
 
     @property
     def subject_span(self) -> tuple[int, int]:
         """Character span of the subject in ``text``."""
-        start = self.prompt.index("{}")
+        start = self.prompt.find("{}")
+        if start < 0:
+            raise FactError(f"case_id {self.case_id}: prompt {self.prompt!r} has no '{{}}', so the subject "
+                            f"{self.subject!r} does not occur in it")
         return start, start + len(self.subject)
 
 

@@ -50,6 +50,7 @@ def off_diagonal(M: np.ndarray) -> np.ndarray:
 def top_pairs(P: np.ndarray, k: int) -> list[tuple[int, int, float]]:
     """The k largest off-diagonal entries of P as (row, column, value), largest first."""
     m = P.shape[0]
+    k = min(k, m * (m - 1))
     values = P.copy()
     values[np.arange(m), np.arange(m)] = -np.inf
     flat = np.argsort(values, axis=None, kind="stable")[::-1][:k]

