@@ -1,0 +1,144 @@
+"""The Snakemake workflow end to end on a tiny local model, dry runs of the default DAG, and config errors."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+
+def snakemake(*args, cwd=REPO, check=True):
+    proc = subprocess.run([*SNAKEMAKE, *args], cwd=cwd, capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """Parse the 'Job stats' table of a dry run."""
+    counts = {}
+    block = output.split("Job stats:")[1].split("total")[0]
+    for line in block.splitlines():
+        m = re.match(r"^(\w+)\s+(\d+)$", line.strip())
+        if m:
+            counts[m.group(1)] = int(m.group(2))
+    return counts
+
+
+def test_default_config_dry_run_lists_the_whole_dag():
+    out = snakemake("-n", "--forceall").stdout
+    counts = job_counts(out)
+    # two models, 30 + 18 layers, 2 corpus shards, one stats job per shard and model
+    assert counts["model_snapshot"] == 2
+    assert counts["corpus_shards"] == 2
+    assert counts["activation_stats"] == 4
+    assert counts["covariance"] == counts["whitening"] == counts["matrices"] == 48
+    assert counts["fact_predictions"] == 2 and counts["known_facts"] == 1 and counts["keys"] == 2
+
+
+def write_config(tmp_path, **overrides):
+    cfg = yaml.safe_load((REPO / "config/config.yaml").read_text())
+    cfg["results"] = str(tmp_path / "results")
+    cfg["cache_dir"] = str(tmp_path / "cache")
+    for key, value in overrides.items():
+        cfg[key] = value
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_wrong_type_is_a_schema_error_naming_the_key(tmp_path):
+    cfg = write_config(tmp_path, corpus={"source": "wiki_offline", "n_documents": "many"})
+    proc = snakemake("-n", "--configfile", str(cfg), check=False)
+    assert proc.returncode != 0
+    text = proc.stdout + proc.stderr
+    assert "n_documents" in text and "'many' is not of type" in text
+
+
+def test_layer_out_of_range_is_a_config_error(tmp_path):
+    cfg = write_config(tmp_path, layers=[0, 25])
+    proc = snakemake("-n", "--configfile", str(cfg), check=False)
+    assert proc.returncode != 0
+    assert "layer(s) [25] out of range for model 'gemma3-270m', which has 18 layers" in proc.stdout + proc.stderr
+
+
+def test_unknown_model_package_is_a_config_error(tmp_path):
+    cfg = write_config(tmp_path, models={"x": {"source": "gguf_package", "package": "nope", "n_layers": 2}})
+    proc = snakemake("-n", "--configfile", str(cfg), check=False)
+    assert proc.returncode != 0
+    assert "models.x.package is 'nope'" in proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, smollm2_snapshot):
+    """A real run of the whole workflow on a tiny random Llama with SmolLM2's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tmp = tmp_path_factory.mktemp("tiny_run")
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_snapshot["path"])
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    LlamaForCausalLM(config).save_pretrained(tmp / "tiny")
+    tokenizer.save_pretrained(tmp / "tiny")
+    facts = [{"case_id": i, "requested_rewrite": {"prompt": p, "subject": s, "relation_id": "P", "target_true": {"str": t}}}
+             for i, (p, s, t) in enumerate([("The capital of {} is", "France", "Paris"),
+                                            ("{} is located in", "France", "Europe"),
+                                            ("{} was developed by", "Windows 8.1", "Microsoft"),
+                                            ("{} was developed by", "Mac OS X 10.1", "Apple"),
+                                            ("The capital of {} is", "Japan", "Tokyo")])]
+    (tmp / "facts.json").write_text(json.dumps(facts))
+    cfg = write_config(
+        tmp,
+        models={"tiny": {"source": "local", "path": str(tmp / "tiny"), "n_layers": 3, "params_millions": 1.6}},
+        corpus={"source": "wiki_offline", "n_documents": 24, "max_length": 48, "n_shards": 2},
+        facts={"source": "file", "path": str(tmp / "facts.json"), "m": 4, "case_ids": [4, 0, 1, 2, 3]},
+        stats={"checkpoint_every": 2, "max_tokens_per_batch": 256},
+    )
+    snakemake("--configfile", str(cfg), "--cores", "2")
+    return tmp, cfg
+
+
+def test_tiny_workflow_outputs_and_provenance(tiny_run):
+    tmp, _ = tiny_run
+    res = tmp / "results"
+    for layer in range(3):
+        with h5py.File(res / f"matrices/tiny/layer-{layer}.h5") as f:
+            P = f["P"][()]
+            assert list(f["case_ids"][()]) == [4, 0, 1, 2]
+            assert f.attrs["model"] == "tiny" and f.attrs["layer"] == layer
+            assert f.attrs["n_tokens"] > 48
+        np.testing.assert_array_equal(np.diag(P), 1.0)
+        with h5py.File(res / f"covariance/tiny/layer-{layer}.h5") as f:
+            C = f["C"][()]
+            assert f.attrs["centred"] == False  # noqa: E712 - h5py gives numpy bools
+            shards = json.loads(f.attrs["shards"])
+        assert [s["shard"] for s in shards] == [0, 1]
+        np.testing.assert_allclose(C, C.T, atol=0)
+    manifest = json.loads((res / "corpus/tiny/manifest.json").read_text())
+    assert manifest["corpus_documents"] == 24 and manifest["n_shards"] == 2
+    selection = json.loads((res / "facts/selection.json").read_text())
+    assert selection["selected"] == [4, 0, 1, 2] and "bypassed" in selection["mode"]
+    top = (res / "matrices/tiny/layer-0.top_pairs.tsv").read_text().splitlines()
+    assert top[0].startswith("rank\tp\t") and len(top) == 1 + 12
+
+
+def test_changing_a_downstream_parameter_does_not_rerun_statistics(tiny_run):
+    tmp, cfg = tiny_run
+    changed = yaml.safe_load(cfg.read_text())
+    changed["matrices"] = {"top_pairs": 3}
+    (tmp / "changed.yaml").write_text(yaml.safe_dump(changed))
+    out = snakemake("-n", "--configfile", str(tmp / "changed.yaml")).stdout
+    counts = job_counts(out)
+    assert counts == {"matrices": 3, "all": 1}
