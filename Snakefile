@@ -8,10 +8,21 @@ include: "rules/corpus.smk"
 include: "rules/stats.smk"
 include: "rules/facts.smk"
 include: "rules/matrices.smk"
+include: "rules/summaries.smk"
+include: "rules/figures.smk"
+
+
+report: "report/workflow.rst"
 
 
 rule all:
     input:
-        all_layer_files("matrices/{model}/layer-{layer}.h5"),
         all_layer_files("matrices/{model}/layer-{layer}.top_pairs.tsv"),
-        res("facts/selection.json"),
+        expand(res("summaries/{model}/layers.tsv"), model=MODELS),
+        expand(res("figures/{model}/p_heatmaps.png"), model=MODELS),
+        expand(res("figures/{model}/p_kde.png"), model=MODELS),
+        expand(res("figures/{model}/kurtosis_vs_m.png"), model=MODELS),
+        figure("fig3_p_heatmaps_first_layer")["png"],
+        figure("fig4_p_kde_first_layer")["png"],
+        figure("fig5_kurtosis_vs_layer")["png"],
+        figure("fig6_angles_last_layer")["png"],

@@ -37,6 +37,8 @@ CODE = {
     "whitening": module_hash("superposition.whitening", "superposition.pipeline"),
     "facts": module_hash("superposition.facts", "superposition.keys", "superposition.pipeline"),
     "matrices": module_hash("superposition.matrices", "superposition.pipeline"),
+    "summaries": module_hash("superposition.summaries", "superposition.matrices", "superposition.pipeline"),
+    "plots": module_hash("superposition.plots", "superposition.pipeline"),
 }
 
 
@@ -98,3 +100,22 @@ def all_layer_files(pattern):
 
 def stats_threads():
     return max(1, workflow.cores or 1)
+
+
+def matrix_files(model):
+    return [res(f"matrices/{model}/layer-{layer}.h5") for layer in layers_of(model)]
+
+
+def study_layers(model):
+    from superposition.pipeline import study_layers as pick
+
+    return pick(layers_of(model))
+
+
+def first_layer(model):
+    return layers_of(model)[0]
+
+
+def figure(name):
+    """PNG (for the report) and PDF (for papers) of one figure."""
+    return {"png": res(f"figures/{name}.png"), "pdf": res(f"figures/{name}.pdf")}

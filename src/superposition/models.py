@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .provenance import ProvenanceError, atomic_path, environment, read_json, sha256_file, write_json
 
 SOURCES = ("hub", "local", "gguf_package")
@@ -212,7 +214,8 @@ def snapshot(spec: ModelSpec, out_dir: str | os.PathLike, cache_dir: str | os.Pa
         raise ProvenanceError(
             f"models.{spec.name}.n_layers is {spec.n_layers} in the config but the model has {manifest['n_layers']}"
         )
-    manifest["params_millions"] = spec.params_millions
+    manifest["n_params"] = count_parameters(manifest["path"])
+    manifest["params_millions"] = spec.params_millions or round(manifest["n_params"] / 1e6, 1)
     manifest["environment"] = environment()
     write_json(out_dir / "model.json", manifest)
     return manifest
@@ -327,3 +330,16 @@ def key_width(module) -> int:
     if hasattr(module, "in_features"):
         return int(module.in_features)
     return int(module.weight.shape[0])
+
+
+def count_parameters(path: str | os.PathLike) -> int:
+    """Parameter count from the safetensors headers (no weights are read)."""
+    from safetensors import safe_open
+
+    total = 0
+    for file in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(file), framework="np") as handle:
+            for name in handle.keys():
+                shape = handle.get_slice(name).get_shape()
+                total += int(np.prod(shape)) if shape else 1
+    return total

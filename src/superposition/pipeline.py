@@ -233,3 +233,179 @@ def matrices(model_json: str, keys_path: str, whitening_path: str, selection_pat
                                  facts[j].case_id, facts[j].subject, facts[j].text])
     off = matrices_mod.off_diagonal(P)
     print(f"layer {layer}: m={m}, off-diagonal P mean {off.mean():.4f}, max {off.max():.4f}")
+
+
+# ---------------------------------------------------------------------------------------- summaries
+
+
+def _angle_grid() -> np.ndarray:
+    return np.linspace(0.0, 180.0, 361)
+
+
+def summaries(model_json: str, matrix_paths: Sequence[str], layers: Sequence[int], selection_path: str,
+              kde_grid: Sequence[float], out_tsv: str, out_kde: str) -> None:
+    from . import summaries as summ
+
+    manifest = models.read_manifest(model_json)
+    selection = read_json(selection_path)
+    grid = np.linspace(float(kde_grid[0]), float(kde_grid[1]), int(kde_grid[2]))
+    rows, curves, angle_curves, q_grids = [], {"P": {}, "W": {}, "A": {}, "Q": {}}, {"W": {}, "A": {}}, {}
+    for layer, path in zip(layers, matrix_paths):
+        mats, _, attrs = matrices_mod.read_matrices(path, model=manifest["name"], layer=layer,
+                                                    case_ids=selection["selected"])
+        rows.append(summ.layer_row(layer, mats, attrs.get("n_tokens")))
+        for name in ("P", "W", "A"):
+            curves[name][layer] = summ.kde(matrices_mod.off_diagonal(mats[name]), grid)
+        q_off = matrices_mod.off_diagonal(mats["Q"])
+        pad = 0.1 * (q_off.max() - q_off.min())
+        q_grids[layer] = np.linspace(q_off.min() - pad, q_off.max() + pad, len(grid))
+        curves["Q"][layer] = summ.kde(q_off, q_grids[layer])
+        for name in ("W", "A"):
+            angle_curves[name][layer] = summ.kde(summ.angles_deg(matrices_mod.off_diagonal(mats[name])), _angle_grid())
+    summ.write_table(out_tsv, rows, summ.columns())
+    summ.write_kdes(out_kde, grid, curves, _angle_grid(), angle_curves, q_grids,
+                    {**models.provenance_of(manifest), **environment(), "layers": list(layers),
+                     "case_ids": selection["selected"]})
+    print(f"{manifest['name']}: summarised {len(rows)} layers")
+
+
+def study_layers(layers: Sequence[int]) -> list[int]:
+    """First, middle and last of the analysed layers (the kurtosis-vs-m study)."""
+    layers = sorted(layers)
+    return sorted({layers[0], layers[len(layers) // 2], layers[-1]})
+
+
+def kurtosis_vs_m(model_json: str, keys_path: str, whitening_paths: Sequence[str], layers: Sequence[int],
+                  m_values: Sequence[int], out_tsv: str) -> None:
+    from . import summaries as summ
+
+    manifest = models.read_manifest(model_json)
+    rows = []
+    for layer, path in zip(layers, whitening_paths):
+        K, pool, _ = keys_mod.read_keys(keys_path, model=manifest["name"], layer=layer, d_m=manifest["d_m"])
+        w, _ = whitening_mod.read_whitening(path, model=manifest["name"], layer=layer, d_m=manifest["d_m"])
+        for m, kurt in summ.kurtosis_vs_m(K, w.cholesky, [*m_values, len(pool)]):
+            rows.append({"layer": layer, "m": m, "all_known": int(m == len(pool)), "P_excess_kurtosis": kurt})
+    summ.write_table(out_tsv, rows, ["layer", "m", "all_known", "P_excess_kurtosis"])
+
+
+# ------------------------------------------------------------------------------------------ figures
+
+
+def _label(model_json: str) -> tuple[str, float]:
+    manifest = models.read_manifest(model_json)
+    params = manifest.get("params_millions") or manifest.get("n_params", 0) / 1e6
+    from .plots import model_label
+
+    return model_label(manifest["name"], params), params
+
+
+def figure_heatmaps(model_json: str, matrix_paths: Sequence[str], layers: Sequence[int], png: str, pdf: str,
+                    dpi: int) -> None:
+    from . import plots
+
+    manifest = models.read_manifest(model_json)
+    Ps = {layer: matrices_mod.read_matrices(p, model=manifest["name"], layer=layer)[0]["P"]
+          for layer, p in zip(layers, matrix_paths)}
+    plots.heatmap_grid(Ps, _label(model_json)[0], png, pdf, dpi)
+
+
+def figure_kde(model_json: str, kde_path: str, png: str, pdf: str, dpi: int) -> None:
+    import h5py
+
+    from . import plots
+
+    with h5py.File(kde_path) as f:
+        grid = f["grid"][()]
+        curves = {int(k.split("_")[1]): f["P"][k][()] for k in f["P"]}
+    plots.kde_per_layer(grid, curves, _label(model_json)[0], png, pdf, dpi)
+
+
+def _first_layer(kde_path: str, group: str, which: str = "first") -> tuple[int, Any]:
+    import h5py
+
+    with h5py.File(kde_path) as f:
+        layers = sorted(int(k.split("_")[1]) for k in f[group])
+        layer = layers[0] if which == "first" else layers[-1]
+        return layer, f[group][f"layer_{layer}"][()]
+
+
+def figure_across_models(model_jsons: Sequence[str], matrix_paths: Sequence[str], layers: Sequence[int],
+                         png: str, pdf: str, dpi: int) -> None:
+    """Fig. 3: the first analysed layer (layer 0 by default) of every model, ordered by size."""
+    from . import plots
+
+    panels = []
+    for mj, path, layer in zip(model_jsons, matrix_paths, layers):
+        name = models.read_manifest(mj)["name"]
+        label, params = _label(mj)
+        P = matrices_mod.read_matrices(path, model=name, layer=layer)[0]["P"]
+        panels.append((params, f"{label}, layer {layer}", P))
+    panels.sort(key=lambda t: t[0])
+    plots.heatmaps_across_models([(t, P) for _, t, P in panels], _layer_text(layers), png, pdf, dpi)
+
+
+def _layer_text(layers: Sequence[int]) -> str:
+    return f"layer {layers[0]}" if len(set(layers)) == 1 else "the first analysed layer"
+
+
+def figure_kde_across_models(model_jsons: Sequence[str], kde_paths: Sequence[str], png: str, pdf: str,
+                             dpi: int) -> None:
+    import h5py
+
+    from . import plots
+
+    curves, layers, grid = [], [], None
+    for mj, path in zip(model_jsons, kde_paths):
+        label, params = _label(mj)
+        layer, density = _first_layer(path, "P")
+        with h5py.File(path) as f:
+            grid = f["grid"][()]
+        curves.append((params, f"{label}, layer {layer}", density))
+        layers.append(layer)
+    curves.sort(key=lambda t: t[0])
+    plots.kde_across_models(grid, [(t, d) for _, t, d in curves], _layer_text(layers), png, pdf, dpi)
+
+
+def figure_kurtosis_vs_layer(model_jsons: Sequence[str], tables: Sequence[str], png: str, pdf: str, dpi: int) -> None:
+    from . import plots
+    from .summaries import read_table
+
+    series = []
+    for mj, table in zip(model_jsons, tables):
+        label, params = _label(mj)
+        rows = read_table(table)
+        series.append((params, label, np.array([int(r["layer"]) for r in rows]),
+                       np.array([float(r["P_excess_kurtosis"]) for r in rows])))
+    series.sort(key=lambda t: t[0])
+    plots.kurtosis_vs_layer([s[1:] for s in series], png, pdf, dpi)
+
+
+def figure_angles(model_jsons: Sequence[str], kde_paths: Sequence[str], png: str, pdf: str, dpi: int) -> None:
+    import h5py
+
+    from . import plots
+
+    panels = []
+    for mj, path in zip(model_jsons, kde_paths):
+        label, params = _label(mj)
+        layer, white = _first_layer(path, "W_angle", "last")
+        with h5py.File(path) as f:
+            act = f["A_angle"][f"layer_{layer}"][()]
+            grid = f["angle_grid_deg"][()]
+        panels.append((params, f"{label}, layer {layer}", grid, white, act))
+    panels.sort(key=lambda t: t[0])
+    plots.angle_distributions([p[1:] for p in panels], png, pdf, dpi)
+
+
+def figure_kurtosis_vs_m(model_json: str, table: str, png: str, pdf: str, dpi: int) -> None:
+    from . import plots
+    from .summaries import read_table
+
+    rows = read_table(table)
+    series = []
+    for layer in sorted({int(r["layer"]) for r in rows}):
+        sel = [r for r in rows if int(r["layer"]) == layer]
+        series.append((f"layer {layer}", np.array([int(r["m"]) for r in sel]),
+                       np.array([float(r["P_excess_kurtosis"]) for r in sel])))
+    plots.kurtosis_vs_m(series, _label(model_json)[0], png, pdf, dpi)

@@ -1,0 +1,147 @@
+rule figure_heatmaps:
+    input:
+        model=res("models/{model}/model.json"),
+        matrices=lambda w: matrix_files(w.model),
+    output:
+        png=report(
+            res("figures/{model}/p_heatmaps.png"),
+            caption="../report/p_heatmaps.rst",
+            category="Per model",
+            labels={"model": "{model}", "figure": "P heatmaps, every layer"},
+        ),
+        pdf=res("figures/{model}/p_heatmaps.pdf"),
+    params:
+        layers=lambda w: layers_of(w.model),
+        dpi=config["plots"]["dpi"],
+        code=CODE["plots"],
+    log:
+        res("logs/figure_heatmaps/{model}.log"),
+    script:
+        "../workflow/scripts/figure_heatmaps.py"
+
+
+rule figure_kde:
+    input:
+        model=res("models/{model}/model.json"),
+        kde=res("summaries/{model}/kde.h5"),
+    output:
+        png=report(
+            res("figures/{model}/p_kde.png"),
+            caption="../report/p_kde.rst",
+            category="Per model",
+            labels={"model": "{model}", "figure": "P density, every layer"},
+        ),
+        pdf=res("figures/{model}/p_kde.pdf"),
+    params:
+        dpi=config["plots"]["dpi"],
+        code=CODE["plots"],
+    log:
+        res("logs/figure_kde/{model}.log"),
+    script:
+        "../workflow/scripts/figure_kde.py"
+
+
+rule figure_kurtosis_vs_m:
+    input:
+        model=res("models/{model}/model.json"),
+        table=res("summaries/{model}/kurtosis_vs_m.tsv"),
+    output:
+        png=report(
+            res("figures/{model}/kurtosis_vs_m.png"),
+            caption="../report/kurtosis_vs_m.rst",
+            category="Per model",
+            labels={"model": "{model}", "figure": "kurtosis vs number of facts"},
+        ),
+        pdf=res("figures/{model}/kurtosis_vs_m.pdf"),
+    params:
+        dpi=config["plots"]["dpi"],
+        code=CODE["plots"],
+    log:
+        res("logs/figure_kurtosis_vs_m/{model}.log"),
+    script:
+        "../workflow/scripts/figure_kurtosis_vs_m.py"
+
+
+rule figure_p_across_models:
+    input:
+        models=expand(res("models/{model}/model.json"), model=MODELS),
+        matrices=[res(f"matrices/{m}/layer-{first_layer(m)}.h5") for m in MODELS],
+    output:
+        png=report(
+            figure("fig3_p_heatmaps_first_layer")["png"],
+            caption="../report/fig3.rst",
+            category="Paper figures",
+            labels={"figure": "Fig. 3: P at layer 0 across models"},
+        ),
+        pdf=figure("fig3_p_heatmaps_first_layer")["pdf"],
+    params:
+        layers=[first_layer(m) for m in MODELS],
+        dpi=config["plots"]["dpi"],
+        code=CODE["plots"],
+    log:
+        res("logs/figure_p_across_models.log"),
+    script:
+        "../workflow/scripts/figure_p_across_models.py"
+
+
+rule figure_kde_across_models:
+    input:
+        models=expand(res("models/{model}/model.json"), model=MODELS),
+        kde=expand(res("summaries/{model}/kde.h5"), model=MODELS),
+    output:
+        png=report(
+            figure("fig4_p_kde_first_layer")["png"],
+            caption="../report/fig4.rst",
+            category="Paper figures",
+            labels={"figure": "Fig. 4: P density at layer 0 across models"},
+        ),
+        pdf=figure("fig4_p_kde_first_layer")["pdf"],
+    params:
+        dpi=config["plots"]["dpi"],
+        code=CODE["plots"],
+    log:
+        res("logs/figure_kde_across_models.log"),
+    script:
+        "../workflow/scripts/figure_kde_across_models.py"
+
+
+rule figure_kurtosis_vs_layer:
+    input:
+        models=expand(res("models/{model}/model.json"), model=MODELS),
+        tables=expand(res("summaries/{model}/layers.tsv"), model=MODELS),
+    output:
+        png=report(
+            figure("fig5_kurtosis_vs_layer")["png"],
+            caption="../report/fig5.rst",
+            category="Paper figures",
+            labels={"figure": "Fig. 5: kurtosis by layer"},
+        ),
+        pdf=figure("fig5_kurtosis_vs_layer")["pdf"],
+    params:
+        dpi=config["plots"]["dpi"],
+        code=CODE["plots"],
+    log:
+        res("logs/figure_kurtosis_vs_layer.log"),
+    script:
+        "../workflow/scripts/figure_kurtosis_vs_layer.py"
+
+
+rule figure_angles:
+    input:
+        models=expand(res("models/{model}/model.json"), model=MODELS),
+        kde=expand(res("summaries/{model}/kde.h5"), model=MODELS),
+    output:
+        png=report(
+            figure("fig6_angles_last_layer")["png"],
+            caption="../report/fig6.rst",
+            category="Paper figures",
+            labels={"figure": "Fig. 6: angles, whitening vs activation space"},
+        ),
+        pdf=figure("fig6_angles_last_layer")["pdf"],
+    params:
+        dpi=config["plots"]["dpi"],
+        code=CODE["plots"],
+    log:
+        res("logs/figure_angles.log"),
+    script:
+        "../workflow/scripts/figure_angles.py"

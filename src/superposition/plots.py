@@ -1,0 +1,151 @@
+"""The paper's figures, rebuilt from our artifacts. Each function writes one figure as PNG (report) and PDF (papers)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.colors import TwoSlopeNorm  # noqa: E402
+
+plt.rcParams.update({"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 8,
+                     "figure.constrained_layout.use": True})
+
+
+def save(fig, png: str | Path, pdf: str | Path | None, dpi: int) -> None:
+    from .provenance import atomic_path
+
+    for path, kw in ((png, {"dpi": dpi}), (pdf, {})):
+        if path is None:
+            continue
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=Path(path).suffix[1:], **kw)
+    plt.close(fig)
+
+
+def model_label(name: str, params_millions: float | None) -> str:
+    if not params_millions:
+        return name
+    size = f"{params_millions / 1000:.1f}B" if params_millions >= 1000 else f"{params_millions:.0f}M"
+    return f"{name} ({size})"
+
+
+def _grid_shape(n: int) -> tuple[int, int]:
+    cols = min(n, 6)
+    return math.ceil(n / cols), cols
+
+
+def p_heatmap(ax, P: np.ndarray, title: str):
+    image = ax.imshow(P, cmap="RdBu_r", norm=TwoSlopeNorm(vcenter=0.0, vmin=-1.0, vmax=1.0), interpolation="nearest")
+    ax.set_title(title)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return image
+
+
+def heatmap_grid(Ps: dict[int, np.ndarray], model: str, png, pdf, dpi: int) -> None:
+    """P of every layer of one model (rows: edited fact i, columns: affected fact j)."""
+    rows, cols = _grid_shape(len(Ps))
+    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols + 0.8, 1.9 * rows + 0.6), squeeze=False)
+    image = None
+    for ax, (layer, P) in zip(axes.flat, sorted(Ps.items())):
+        image = p_heatmap(ax, P, f"layer {layer}")
+    for ax in list(axes.flat)[len(Ps):]:
+        ax.axis("off")
+    m = next(iter(Ps.values())).shape[0]
+    fig.suptitle(f"{model}: superposition matrix P over {m} facts, every layer")
+    fig.colorbar(image, ax=axes, shrink=0.6, label="P[i, j] (clipped to [-1, 1])")
+    save(fig, png, pdf, dpi)
+
+
+def heatmaps_across_models(Ps: Sequence[tuple[str, np.ndarray]], layer_label: str, png, pdf, dpi: int) -> None:
+    """The paper's Fig. 3: one layer of every model side by side, ordered by model size."""
+    n = len(Ps)
+    fig, axes = plt.subplots(1, n, figsize=(3.0 * n + 0.8, 3.3), squeeze=False)
+    image = None
+    for ax, (label, P) in zip(axes.flat, Ps):
+        image = p_heatmap(ax, P, label)
+    fig.suptitle(f"Superposition matrix P at {layer_label}")
+    fig.colorbar(image, ax=axes, shrink=0.8, label="P[i, j]")
+    save(fig, png, pdf, dpi)
+
+
+def kde_per_layer(grid: np.ndarray, curves: dict[int, np.ndarray], model: str, png, pdf, dpi: int) -> None:
+    """Density of the off-diagonal P entries, one curve per layer (colour = depth)."""
+    fig, ax = plt.subplots(figsize=(6.0, 3.8))
+    layers = sorted(curves)
+    cmap = plt.get_cmap("viridis")
+    for layer in layers:
+        ax.plot(grid, curves[layer], color=cmap(layer / max(1, layers[-1])), lw=1.0)
+    sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(layers[0], max(layers[-1], layers[0] + 1)))
+    fig.colorbar(sm, ax=ax, label="layer")
+    ax.set_xlabel("off-diagonal P[i, j]")
+    ax.set_ylabel("density")
+    ax.set_title(f"{model}: distribution of P off the diagonal (Gaussian KDE), every layer")
+    ax.axvline(0.0, color="0.6", lw=0.6, ls=":")
+    save(fig, png, pdf, dpi)
+
+
+def kde_across_models(grid: np.ndarray, curves: Sequence[tuple[str, np.ndarray]], layer_label: str, png, pdf,
+                      dpi: int) -> None:
+    """The paper's Fig. 4: density of off-diagonal P at one layer, one curve per model."""
+    fig, ax = plt.subplots(figsize=(6.0, 3.6))
+    for label, density in curves:
+        ax.plot(grid, density, lw=1.4, label=label)
+    ax.set_xlabel("off-diagonal P[i, j]")
+    ax.set_ylabel("density")
+    ax.set_title(f"Distribution of P off the diagonal at {layer_label} (Gaussian KDE)")
+    ax.axvline(0.0, color="0.6", lw=0.6, ls=":")
+    ax.legend(loc="upper right", frameon=False)
+    save(fig, png, pdf, dpi)
+
+
+def kurtosis_vs_layer(series: Sequence[tuple[str, np.ndarray, np.ndarray]], png, pdf, dpi: int) -> None:
+    """The paper's Fig. 5: excess kurtosis of off-diagonal P per layer, one line per model (legend by size)."""
+    fig, ax = plt.subplots(figsize=(6.0, 3.6))
+    for label, layers, kurt in series:
+        ax.plot(layers, kurt, marker="o", ms=3, lw=1.2, label=label)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("excess kurtosis of off-diagonal P")
+    ax.set_title("Kurtosis of the superposition distribution by layer")
+    ax.axhline(0.0, color="0.6", lw=0.6, ls=":")
+    ax.legend(frameon=False, loc="best")
+    save(fig, png, pdf, dpi)
+
+
+def angle_distributions(panels: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]], png, pdf,
+                        dpi: int) -> None:
+    """The paper's Fig. 6: angles between knowledge keys in whitening vs activation space, per model.
+
+    ``panels``: (title, angle grid in degrees, density of whitening-space angles, density of activation angles).
+    """
+    n = len(panels)
+    fig, axes = plt.subplots(1, n, figsize=(3.4 * n, 3.2), squeeze=False, sharey=False)
+    for ax, (title, grid, white, act) in zip(axes.flat, panels):
+        ax.plot(grid, white, lw=1.4, label="whitening space C^-1/2 k")
+        ax.plot(grid, act, lw=1.4, label="activation space k")
+        ax.axvline(90.0, color="0.6", lw=0.6, ls=":")
+        ax.set_xlabel("angle between keys (degrees)")
+        ax.set_ylabel("density")
+        ax.set_title(title)
+        ax.set_xlim(0, 180)
+    axes.flat[0].legend(frameon=False, loc="upper left")
+    save(fig, png, pdf, dpi)
+
+
+def kurtosis_vs_m(series: Sequence[tuple[str, np.ndarray, np.ndarray]], model: str, png, pdf, dpi: int) -> None:
+    """Kurtosis of off-diagonal P against the number of facts m, one line per layer (appendix C of the paper)."""
+    fig, ax = plt.subplots(figsize=(5.6, 3.6))
+    for label, ms, kurt in series:
+        ax.plot(ms, kurt, marker="o", ms=3, lw=1.2, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("number of facts m")
+    ax.set_ylabel("excess kurtosis of off-diagonal P")
+    ax.set_title(f"{model}: does kurtosis converge in m?")
+    ax.legend(frameon=False, loc="best")
+    save(fig, png, pdf, dpi)

@@ -1,0 +1,129 @@
+"""Per-layer distribution statistics of the off-diagonal entries of P, Q, W and A.
+
+Excess kurtosis uses ``scipy.stats.kurtosis`` with its defaults (Fisher, biased), as the paper; densities are
+Gaussian KDEs with Scott's bandwidth evaluated on a fixed grid. For the cosine matrices W and A the angles
+``arccos`` in degrees are summarised too (near-orthogonal keys have angles near 90 degrees).
+"""
+
+from __future__ import annotations
+
+import csv
+from typing import Any, Iterable, Sequence
+
+import h5py
+import numpy as np
+import scipy.stats
+
+from .matrices import NAMES, off_diagonal
+from .provenance import atomic_path, set_attrs
+
+SMALL = 0.05  # |entry| below this counts as "near zero" (near-orthogonal in whitening space for P)
+ANGLE_BAND = 5.0  # degrees around 90
+
+
+def excess_kurtosis(values: np.ndarray) -> float:
+    return float(scipy.stats.kurtosis(np.asarray(values, dtype=np.float64)))
+
+
+def angles_deg(cosines: np.ndarray) -> np.ndarray:
+    return np.degrees(np.arccos(np.clip(cosines, -1.0, 1.0)))
+
+
+def kde(values: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """Gaussian KDE (Scott's bandwidth) of ``values`` evaluated on ``grid``."""
+    values = np.asarray(values, dtype=np.float64)
+    if np.ptp(values) == 0:
+        raise ValueError("cannot estimate a density: all values are equal")
+    return scipy.stats.gaussian_kde(values, bw_method="scott")(grid)
+
+
+def describe(values: np.ndarray) -> dict[str, float]:
+    values = np.asarray(values, dtype=np.float64)
+    return {
+        "excess_kurtosis": excess_kurtosis(values),
+        "mean": float(values.mean()),
+        "std": float(values.std()),
+        "skewness": float(scipy.stats.skew(values)),
+        "min": float(values.min()),
+        "max": float(values.max()),
+        "frac_abs_lt_0.05": float(np.mean(np.abs(values) < SMALL)),
+    }
+
+
+def describe_angles(cosines: np.ndarray) -> dict[str, float]:
+    angles = angles_deg(cosines)
+    return {"angle_mean_deg": float(angles.mean()),
+            "frac_within_5deg_of_90": float(np.mean(np.abs(angles - 90.0) <= ANGLE_BAND))}
+
+
+def columns() -> list[str]:
+    cols = ["layer", "m", "n_values", "n_tokens"]
+    for name in NAMES:
+        cols += [f"{name}_{key}" for key in describe(np.arange(4.0))]
+        if name in ("W", "A"):
+            cols += [f"{name}_{key}" for key in describe_angles(np.zeros(2))]
+    return cols
+
+
+def layer_row(layer: int, mats: dict[str, np.ndarray], n_tokens: int | None = None) -> dict[str, Any]:
+    m = mats["P"].shape[0]
+    row: dict[str, Any] = {"layer": layer, "m": m, "n_values": m * (m - 1), "n_tokens": n_tokens}
+    for name in NAMES:
+        off = off_diagonal(mats[name])
+        row.update({f"{name}_{k}": v for k, v in describe(off).items()})
+        if name in ("W", "A"):
+            row.update({f"{name}_{k}": v for k, v in describe_angles(off).items()})
+    return row
+
+
+def write_table(path, rows: Iterable[dict[str, Any]], cols: Sequence[str]) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
+            writer.writerow(cols)
+            for row in rows:
+                writer.writerow([_fmt(row.get(c)) for c in cols])
+
+
+def read_table(path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle, delimiter="\t"))
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.8g}"
+    return str(value)
+
+
+def write_kdes(path, grid: np.ndarray, curves: dict[str, dict[int, np.ndarray]],
+               angle_grid: np.ndarray, angle_curves: dict[str, dict[int, np.ndarray]],
+               q_grids: dict[int, np.ndarray], record: dict[str, Any]) -> None:
+    """KDE curves: /grid and /<P|W|A>/layer_<l> on the fixed grid, Q on its own per-layer grid, angles in degrees."""
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("grid", data=grid)
+            f.create_dataset("angle_grid_deg", data=angle_grid)
+            for name, per_layer in curves.items():
+                for layer, density in per_layer.items():
+                    f.create_dataset(f"{name}/layer_{layer}", data=density)
+            for layer, q_grid in q_grids.items():
+                f.create_dataset(f"Q_grid/layer_{layer}", data=q_grid)
+            for name, per_layer in angle_curves.items():
+                for layer, density in per_layer.items():
+                    f.create_dataset(f"{name}_angle/layer_{layer}", data=density)
+            set_attrs(f, {**record, "bandwidth": "scott"})
+
+
+def kurtosis_vs_m(K: np.ndarray, cholesky: np.ndarray, m_values: Sequence[int]) -> list[tuple[int, float]]:
+    """Excess kurtosis of off-diagonal P for the first m keys, for each m (m larger than the pool is skipped)."""
+    from .matrices import superposition_matrices
+
+    out = []
+    for m in sorted(set(int(v) for v in m_values)):
+        if 2 <= m <= len(K):
+            P = superposition_matrices(K[:m], cholesky)["P"]
+            out.append((m, excess_kurtosis(off_diagonal(P))))
+    return out

@@ -1,0 +1,11 @@
+from superposition import pipeline
+
+pipeline.start_job(snakemake.log[0], None)
+pipeline.figure_heatmaps(
+    snakemake.input.model,
+    list(snakemake.input.matrices),
+    snakemake.params.layers,
+    snakemake.output.png,
+    snakemake.output.pdf,
+    snakemake.params.dpi,
+)
