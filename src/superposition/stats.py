@@ -107,20 +107,40 @@ class GramAccumulator:
         self._mask = None
         self._finite: list = []
         self._handles: list = []
+        # On the CPU, BLAS syrk computes only the upper triangle of K^T K: half the flops of a GEMM. The sums then
+        # hold the upper triangle until `symmetric_sums` mirrors it.
+        self.upper_only = device.type == "cpu"
+        if self.upper_only:
+            import scipy.linalg.blas as blas
+
+            self._syrk = blas.ssyrk if self.gram_dtype == "float32" else blas.dsyrk
 
     def _hook(self, layer: int) -> Callable:
         last = self.layers[-1]
 
         def hook(module, args):
             keys = args[0][self._mask].to(self._dtype)
-            gram = keys.T @ keys
-            self._finite.append(self._torch.isfinite(gram).all())
-            self.sums[layer] += gram
+            if self.upper_only:
+                # keys.T is a Fortran-ordered (d_m, n) view: syrk(a) = a a^T = K^T K without a copy.
+                gram = self._syrk(1.0, keys.numpy().T, trans=0, lower=0)
+                self._finite.append(bool(np.isfinite(gram).all()))
+                self.sums[layer] += self._torch.from_numpy(gram)
+            else:
+                gram = keys.T @ keys
+                self._finite.append(self._torch.isfinite(gram).all())
+                self.sums[layer] += gram
             if layer == last:
                 raise StopForward
             return None
 
         return hook
+
+    def symmetric_sums(self) -> dict[int, np.ndarray]:
+        out = {}
+        for layer in self.layers:
+            S = self.sums[layer].cpu().numpy()
+            out[layer] = np.triu(S) + np.triu(S, 1).T if self.upper_only else S
+        return out
 
     def __enter__(self):
         for layer in self.layers:
@@ -144,7 +164,7 @@ class GramAccumulator:
                 self.model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
             except StopForward:
                 pass
-        flags = torch.stack(self._finite).cpu().tolist()
+        flags = [bool(flag) for flag in self._finite]
         if len(flags) != len(self.layers):
             raise RuntimeError(f"expected {len(self.layers)} hooked layers to run, {len(flags)} did")
         for layer, ok in zip(self.layers, flags):
@@ -171,12 +191,14 @@ def plan_digest(lengths: Sequence[int], batches: Sequence[Sequence[int]], layers
     return digest.hexdigest()[:16]
 
 
-def _save_sums(path, accumulator: GramAccumulator, record: dict[str, Any]) -> None:
+def _save_sums(path, accumulator: GramAccumulator, record: dict[str, Any], final: bool) -> None:
+    """Final outputs hold full symmetric sums; checkpoints hold the accumulator exactly as it is."""
+    sums = accumulator.symmetric_sums() if final else {l: accumulator.sums[l].cpu().numpy() for l in accumulator.layers}
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             set_attrs(f, {**record, "count": accumulator.count, "layers": accumulator.layers})
             for layer in accumulator.layers:
-                dset = f.create_dataset(f"layer_{layer}/sum", data=accumulator.sums[layer].cpu().numpy())
+                dset = f.create_dataset(f"layer_{layer}/sum", data=sums[layer])
                 dset.attrs["count"] = accumulator.count
 
 
@@ -220,8 +242,9 @@ def collect_second_moments(
     set_matmul_precision(allow_tf32)
     lengths = [len(d) for d in docs]
     batches = token_batches(lengths, max_tokens, max_batch)
-    plan = plan_digest(lengths, batches, sorted(set(layers)))
     accumulator = GramAccumulator(model, list(layers), gram_dtype)
+    # The plan names the batches, layers and accumulator layout: a checkpoint of another plan is never resumed.
+    plan = plan_digest(lengths, batches, accumulator.layers) + ("-upper" if accumulator.upper_only else "-full")
     start = 0
     if checkpoint_path and Path(checkpoint_path).exists():
         start = _load_checkpoint(checkpoint_path, accumulator, plan)
@@ -237,7 +260,7 @@ def collect_second_moments(
             ids, mask, positions = pad_batch([docs[i] for i in batches[index]], pad_id)
             bar.update(accumulator.add_batch(ids, mask, positions, index))
             if checkpoint_path and (index + 1) % checkpoint_every == 0 and index + 1 < len(batches):
-                _save_sums(checkpoint_path, accumulator, {"plan": plan, "next_batch": index + 1})
+                _save_sums(checkpoint_path, accumulator, {"plan": plan, "next_batch": index + 1}, final=False)
             if _crash_after is not None and index + 1 == _crash_after:
                 os._exit(17)  # test hook: die like a killed job, without cleanup
     bar.close()
@@ -258,7 +281,7 @@ def collect_second_moments(
         "seconds": elapsed,
         "tokens_per_second": throughput,
     }
-    _save_sums(out_path, accumulator, summary)
+    _save_sums(out_path, accumulator, summary, final=True)
     if checkpoint_path and Path(checkpoint_path).exists():
         Path(checkpoint_path).unlink()
     print(f"{total} tokens, {len(accumulator.layers)} layers, {elapsed:.1f} s, {throughput:.0f} tokens/s")
