@@ -10,6 +10,7 @@ include: "rules/facts.smk"
 include: "rules/matrices.smk"
 include: "rules/summaries.smk"
 include: "rules/figures.smk"
+include: "rules/export.smk"
 
 
 report: "report/workflow.rst"

@@ -142,3 +142,18 @@ def test_changing_a_downstream_parameter_does_not_rerun_statistics(tiny_run):
     out = snakemake("-n", "--configfile", str(tmp / "changed.yaml")).stdout
     counts = job_counts(out)
     assert counts == {"matrices": 3, "all": 1}
+
+
+def test_rome_export_matches_the_covariance(tiny_run):
+    tmp, cfg = tiny_run
+    snakemake("rome_stats", "--configfile", str(cfg), "--cores", "1")
+    res = tmp / "results"
+    files = sorted((res / "rome_stats/tiny/wikipedia_stats").glob("*.npz"))
+    assert [f.name for f in files] == [f"model.layers.{l}.mlp.down_proj_float32_mom2_24.npz" for l in range(3)]
+    for layer, path in enumerate(files):
+        state = np.load(path, allow_pickle=False)
+        with h5py.File(res / f"covariance/tiny/layer-{layer}.h5") as f:
+            C, n = f["C"][()], int(f.attrs["n_tokens"])
+        assert int(state["mom2.count"]) == n and int(state["sample_size"]) == 24
+        assert state["mom2.mom2"].dtype == np.float32
+        np.testing.assert_allclose(state["mom2.mom2"] / n, C, rtol=1e-6, atol=1e-9)

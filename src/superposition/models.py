@@ -41,13 +41,18 @@ class Family:
     down_attr: str  # the down projection whose *input* is the key
     d_m_keys: tuple[str, ...]  # config attributes giving the MLP width, first present wins
     ratio_default: int | None = None  # d_m = ratio * hidden when the config leaves it unset (GPT-2/GPT-J)
+    base_prefix: str = "model"  # attribute of the CausalLM holding the backbone (for module names)
+
+    def module_name(self, layer: int) -> str:
+        """Full module path of the down projection, as ROME/MEMIT name their statistics files."""
+        return f"{self.base_prefix}.{self.layers_attr}.{layer}.{self.mlp_attr}.{self.down_attr}"
 
 
 _LLAMA_LIKE = dict(layers_attr="layers", mlp_attr="mlp", down_attr="down_proj", d_m_keys=("intermediate_size",))
 FAMILIES: dict[str, Family] = {
-    "gpt2": Family("gpt2", "h", "mlp", "c_proj", ("n_inner",), ratio_default=4),
-    "gptj": Family("gptj", "h", "mlp", "fc_out", ("n_inner",), ratio_default=4),
-    "gpt_neox": Family("gpt_neox", "layers", "mlp", "dense_4h_to_h", ("intermediate_size",)),
+    "gpt2": Family("gpt2", "h", "mlp", "c_proj", ("n_inner",), ratio_default=4, base_prefix="transformer"),
+    "gptj": Family("gptj", "h", "mlp", "fc_out", ("n_inner",), ratio_default=4, base_prefix="transformer"),
+    "gpt_neox": Family("gpt_neox", "layers", "mlp", "dense_4h_to_h", ("intermediate_size",), base_prefix="gpt_neox"),
     "llama": Family("llama", **_LLAMA_LIKE),
     "mistral": Family("mistral", **_LLAMA_LIKE),
     "qwen2": Family("qwen2", **_LLAMA_LIKE),

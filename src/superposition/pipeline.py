@@ -409,3 +409,17 @@ def figure_kurtosis_vs_m(model_json: str, table: str, png: str, pdf: str, dpi: i
         series.append((f"layer {layer}", np.array([int(r["m"]) for r in sel]),
                        np.array([float(r["P_excess_kurtosis"]) for r in sel])))
     plots.kurtosis_vs_m(series, _label(model_json)[0], png, pdf, dpi)
+
+
+def export_rome(model_json: str, covariance_path: str, corpus_manifest: str, layer: int, out_npz: str) -> None:
+    manifest = models.read_manifest(model_json)
+    C, attrs = stats_mod.read_covariance(covariance_path, model=manifest["name"], layer=layer, d_m=manifest["d_m"])
+    corpus = read_json(corpus_manifest)
+    if attrs["corpus_fingerprint"] != corpus["corpus_fingerprint"]:
+        raise ProvenanceError(f"{covariance_path} was computed on another corpus than {corpus_manifest}")
+    stats_mod.export_rome_npz(out_npz, C, int(attrs["n_tokens"]), int(corpus["corpus_documents"]))
+
+
+def rome_module(model_json: str, layer: int) -> str:
+    manifest = models.read_manifest(model_json)
+    return models.family_for(manifest["model_type"]).module_name(layer)

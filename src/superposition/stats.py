@@ -345,3 +345,22 @@ def read_covariance(path, *, model: str, layer: int, d_m: int) -> tuple[np.ndarr
     if C.shape != (d_m, d_m):
         raise ProvenanceError(f"{path}: covariance has width {C.shape[0]} but model {model!r} has d_m {d_m}")
     return C, attrs
+
+
+def export_rome_npz(path, second_moment: np.ndarray, count: int, sample_size: int) -> None:
+    """A layer's statistics in the npz layout ROME/MEMIT/EasyEdit/AlphaEdit read from their stats cache.
+
+    ``mom2.mom2`` is the *sum* of k k^T (their SecondMoment divides by ``mom2.count`` itself), stored float32 as
+    the ``_float32_`` in their file name says; ``sample_size`` is the number of corpus documents, which their cache
+    loader compares with its own setting. Plain arrays only: their loader needs no pickle.
+    """
+    state = {
+        "constructor": np.array("util.runningstats.CombinedStat()"),
+        "mom2.constructor": np.array("util.runningstats.SecondMoment()"),
+        "mom2.count": np.array(count, dtype=np.int64),
+        "mom2.mom2": (second_moment * count).astype(np.float32),
+        "sample_size": np.array(sample_size, dtype=np.int64),
+    }
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as handle:
+            np.savez(handle, **state)
