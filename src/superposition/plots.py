@@ -51,7 +51,8 @@ def p_heatmap(ax, P: np.ndarray, title: str):
 def heatmap_grid(Ps: dict[int, np.ndarray], model: str, png, pdf, dpi: int) -> None:
     """P of every layer of one model (rows: edited fact i, columns: affected fact j)."""
     rows, cols = _grid_shape(len(Ps))
-    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols + 0.8, 1.9 * rows + 0.6), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(max(4.5, 1.9 * cols + 0.8), max(3.4, 1.9 * rows + 0.8)),
+                             squeeze=False)
     image = None
     for ax, (layer, P) in zip(axes.flat, sorted(Ps.items())):
         image = p_heatmap(ax, P, f"layer {layer}")
