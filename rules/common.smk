@@ -4,7 +4,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version, validate
 
 from superposition import config as sp_config
-from superposition.provenance import module_hash
+from superposition.provenance import module_hash, rule_code_hash
 
 min_version("9.0")
 
@@ -27,18 +27,21 @@ MODELS = list(config["models"])
 SHARDS = list(range(config["corpus"]["n_shards"]))
 USE_KNOWN_FILTER = not config["facts"].get("case_ids")
 
-# Snakemake does not see the library modules a script imports: each rule passes the hash of the
-# modules it uses as a param, so editing one reruns exactly the rules that depend on it.
+# Snakemake does not see the library code a script imports: each rule passes a hash of its pipeline
+# function and the modules it uses as a param, so editing one reruns exactly the rules that depend on it.
 CODE = {
-    "models": module_hash("superposition.models", "superposition.pipeline"),
-    "corpus": module_hash("superposition.corpus", "superposition.pipeline"),
-    "stats": module_hash("superposition.stats", "superposition.models"),
-    "merge": module_hash("superposition.stats", "superposition.pipeline"),
-    "whitening": module_hash("superposition.whitening", "superposition.pipeline"),
-    "facts": module_hash("superposition.facts", "superposition.keys", "superposition.pipeline"),
-    "matrices": module_hash("superposition.matrices", "superposition.pipeline"),
-    "summaries": module_hash("superposition.summaries", "superposition.matrices", "superposition.pipeline"),
-    "plots": module_hash("superposition.plots", "superposition.pipeline"),
+    "models": rule_code_hash("model_snapshot", "superposition.models"),
+    "corpus": rule_code_hash("corpus_shards", "superposition.corpus"),
+    "stats": rule_code_hash("activation_stats", "superposition.stats", "superposition.models"),
+    "merge": rule_code_hash("covariance", "superposition.stats"),
+    "export": rule_code_hash("export_rome", "superposition.stats"),
+    "whitening": rule_code_hash("whitening", "superposition.whitening"),
+    "predictions": rule_code_hash("fact_predictions", "superposition.facts", "superposition.keys"),
+    "known": rule_code_hash("known_facts", "superposition.facts"),
+    "keys": rule_code_hash("keys", "superposition.facts", "superposition.keys"),
+    "matrices": rule_code_hash("matrices", "superposition.matrices"),
+    "summaries": rule_code_hash("summaries", "superposition.summaries", "superposition.matrices"),
+    "kurtosis_vs_m": rule_code_hash("kurtosis_vs_m", "superposition.summaries"),
 }
 
 

@@ -10,7 +10,7 @@ rule export_rome:
         res("rome_stats/{model}/wikipedia_stats/{module}_float32_mom2_{n}.npz"),
     params:
         layer=lambda w: layer_of_module(w.module),
-        code=CODE["merge"],
+        code=CODE["export"],
     log:
         res("logs/export_rome/{model}/{module}_{n}.log"),
     threads: 1

@@ -7,7 +7,7 @@ rule fact_predictions:
     params:
         facts=config["facts"],
         stats=config["stats"],
-        code=CODE["facts"],
+        code=CODE["predictions"],
     log:
         res("logs/fact_predictions/{model}.log"),
     benchmark:
@@ -29,7 +29,7 @@ rule known_facts:
     params:
         models=MODELS,
         facts=config["facts"],
-        code=CODE["facts"],
+        code=CODE["known"],
     log:
         res("logs/known_facts.log"),
     benchmark:
@@ -49,7 +49,7 @@ rule keys:
         layers=lambda w: layers_of(w.model),
         facts=config["facts"],
         stats=config["stats"],
-        code=CODE["facts"],
+        code=CODE["keys"],
     log:
         res("logs/keys/{model}.log"),
     benchmark:

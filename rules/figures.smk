@@ -13,7 +13,7 @@ rule figure_heatmaps:
     params:
         layers=lambda w: layers_of(w.model),
         dpi=config["plots"]["dpi"],
-        code=CODE["plots"],
+        code=rule_code_hash("figure_heatmaps", "superposition.plots"),
     log:
         res("logs/figure_heatmaps/{model}.log"),
     script:
@@ -34,7 +34,7 @@ rule figure_kde:
         pdf=res("figures/{model}/p_kde.pdf"),
     params:
         dpi=config["plots"]["dpi"],
-        code=CODE["plots"],
+        code=rule_code_hash("figure_kde", "superposition.plots"),
     log:
         res("logs/figure_kde/{model}.log"),
     script:
@@ -55,7 +55,7 @@ rule figure_kurtosis_vs_m:
         pdf=res("figures/{model}/kurtosis_vs_m.pdf"),
     params:
         dpi=config["plots"]["dpi"],
-        code=CODE["plots"],
+        code=rule_code_hash("figure_kurtosis_vs_m", "superposition.plots"),
     log:
         res("logs/figure_kurtosis_vs_m/{model}.log"),
     script:
@@ -77,7 +77,7 @@ rule figure_p_across_models:
     params:
         layers=[first_layer(m) for m in MODELS],
         dpi=config["plots"]["dpi"],
-        code=CODE["plots"],
+        code=rule_code_hash("figure_across_models", "superposition.plots"),
     log:
         res("logs/figure_p_across_models.log"),
     script:
@@ -98,7 +98,7 @@ rule figure_kde_across_models:
         pdf=figure("fig4_p_kde_first_layer")["pdf"],
     params:
         dpi=config["plots"]["dpi"],
-        code=CODE["plots"],
+        code=rule_code_hash("figure_kde_across_models", "superposition.plots"),
     log:
         res("logs/figure_kde_across_models.log"),
     script:
@@ -119,7 +119,7 @@ rule figure_kurtosis_vs_layer:
         pdf=figure("fig5_kurtosis_vs_layer")["pdf"],
     params:
         dpi=config["plots"]["dpi"],
-        code=CODE["plots"],
+        code=rule_code_hash("figure_kurtosis_vs_layer", "superposition.plots"),
     log:
         res("logs/figure_kurtosis_vs_layer.log"),
     script:
@@ -140,7 +140,7 @@ rule figure_angles:
         pdf=figure("fig6_angles_last_layer")["pdf"],
     params:
         dpi=config["plots"]["dpi"],
-        code=CODE["plots"],
+        code=rule_code_hash("figure_angles", "superposition.plots"),
     log:
         res("logs/figure_angles.log"),
     script:

@@ -42,7 +42,7 @@ rule kurtosis_vs_m:
     params:
         layers=lambda w: study_layers(w.model),
         m_values=config["summaries"]["m_values"],
-        code=CODE["summaries"],
+        code=CODE["kurtosis_vs_m"],
     log:
         res("logs/kurtosis_vs_m/{model}.log"),
     benchmark:

@@ -38,6 +38,20 @@ def module_hash(*modules: str) -> str:
     return digest.hexdigest()[:16]
 
 
+def rule_code_hash(function: str, *modules: str) -> str:
+    """Hash of one ``superposition.pipeline`` function's source plus the library modules it relies on.
+
+    Finer than hashing all of pipeline.py: editing one rule's function reruns that rule only.
+    """
+    import inspect
+
+    from . import pipeline
+
+    digest = hashlib.sha256(inspect.getsource(getattr(pipeline, function)).encode())
+    digest.update(module_hash(*modules).encode() if modules else b"")
+    return digest.hexdigest()[:16]
+
+
 def code_version() -> str:
     return f"superposition {__version__}"
 
