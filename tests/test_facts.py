@@ -1,0 +1,83 @@
+import collections
+import json
+
+import pytest
+
+from superposition import facts, pipeline
+
+
+def test_probe_set_shape():
+    probe, source = facts.load_facts({"source": "probe"})
+    assert source == "probe:probe_facts.json"
+    assert len(probe) >= 400
+    relations = collections.Counter(f.relation_id for f in probe)
+    assert len(relations) >= 10 and all(relations[r] >= 20 for r in list(relations)[:10])
+    facts.check_subjects(probe)
+    assert [f.case_id for f in probe] == list(range(len(probe)))
+    assert len({(f.subject, f.relation_id) for f in probe}) == len(probe)
+
+
+def test_probe_set_has_the_near_duplicates_the_case_study_needs():
+    probe, _ = facts.load_facts({"source": "probe"})
+    people = collections.defaultdict(set)
+    for f in probe:
+        words = f.subject.split()
+        if len(words) == 2 and words[0][0].isupper():
+            people[words[0]].add(f.subject)
+    assert sum(len(s) >= 2 for s in people.values()) >= 6  # same first name, different surnames
+    # a subject under two relations with two prompts that both begin with it (identical keys, p = 1)
+    starts = collections.defaultdict(set)
+    for f in probe:
+        if f.prompt.startswith("{}"):
+            starts[f.subject].add(f.relation_id)
+    assert sum(len(r) >= 2 for r in starts.values()) >= 10
+    # versions ending in the same number
+    endings = collections.defaultdict(set)
+    for f in probe:
+        last = f.subject.split()[-1]
+        if any(c.isdigit() for c in last):
+            endings[last].add(f.subject)
+    assert sum(len(s) >= 2 for s in endings.values()) >= 3
+
+
+def test_bad_records_name_the_case_id(tmp_path):
+    path = tmp_path / "f.json"
+    path.write_text(json.dumps([{"case_id": 7, "requested_rewrite": {"prompt": "no slot", "subject": "X",
+                                                                      "target_true": {"str": "y"}}}]))
+    with pytest.raises(facts.FactError, match="case_id 7: prompt 'no slot' must contain exactly one"):
+        facts.load_facts({"source": "file", "path": str(path)})
+    path.write_text(json.dumps([{"case_id": 3, "requested_rewrite": {"prompt": "{} is"}}]))
+    with pytest.raises(facts.FactError, match="case_id=3 is not in CounterFact's shape"):
+        facts.load_facts({"source": "file", "path": str(path)})
+    with pytest.raises(facts.FactError, match=r"facts.case_ids \[99999\] are not in"):
+        facts.load_facts({"source": "probe", "case_ids": [0, 99999]})
+
+
+def test_fewer_known_facts_than_m_lists_each_model():
+    known = {"a": {1: True, 2: True, 3: False}, "b": {1: True, 2: False, 3: True}}
+    pool, counts = facts.select_known([1, 2, 3], known, 1)
+    assert pool == [1] and counts == {"a": 2, "b": 2}
+    with pytest.raises(facts.FactError, match=r"only 1 facts are known by all models \(a knows 2, b knows 2\) but facts.m is 2"):
+        facts.select_known([1, 2, 3], known, 2)
+
+
+def test_known_filter_keeps_predicted_and_drops_unpredicted(tmp_path, smollm2_snapshot):
+    """A fact whose target the model predicts is kept; the same prompt with a wrong target is not."""
+    records = [
+        {"case_id": 10, "requested_rewrite": {"prompt": "The capital of {} is the city of", "subject": "France",
+                                              "relation_id": "P36", "target_true": {"str": "Paris"}}},
+        {"case_id": 11, "requested_rewrite": {"prompt": "The capital city of {} is", "subject": "France",
+                                              "relation_id": "P36", "target_true": {"str": "Tokyo"}}},
+    ]
+    path = tmp_path / "facts.json"
+    path.write_text(json.dumps(records))
+    cfg = {"source": "file", "path": str(path), "m": 1, "batch_size": 8}
+    model_json = tmp_path / "model.json"
+    model_json.write_text(json.dumps(smollm2_snapshot))
+    pipeline.fact_predictions(str(model_json), cfg, {"device": "cpu"}, str(tmp_path / "pred.tsv"))
+    rows = pipeline.read_predictions(str(tmp_path / "pred.tsv"))
+    assert [r["known"] for r in rows] == ["1", "0"]
+    assert rows[0]["predicted_token"] == "ĠParis" and float(rows[0]["margin"]) > 0 > float(rows[1]["margin"])
+    selection = pipeline.known_facts(["smollm2"], [str(tmp_path / "pred.tsv")], cfg, str(tmp_path / "known.tsv"),
+                                     str(tmp_path / "sel.json"))
+    assert selection["selected"] == [10] and selection["known_per_model"] == {"smollm2": 1}
