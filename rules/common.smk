@@ -32,15 +32,21 @@ USE_KNOWN_FILTER = not config["facts"].get("case_ids")
 CODE = {
     "models": rule_code_hash("model_snapshot", "superposition.models"),
     "corpus": rule_code_hash("corpus_shards", "superposition.corpus"),
-    "stats": rule_code_hash("activation_stats", "superposition.stats", "superposition.models"),
+    "stats": rule_code_hash(
+        "activation_stats", "superposition.stats", "superposition.models"
+    ),
     "merge": rule_code_hash("covariance", "superposition.stats"),
     "export": rule_code_hash("export_rome", "superposition.stats"),
     "whitening": rule_code_hash("whitening", "superposition.whitening"),
-    "predictions": rule_code_hash("fact_predictions", "superposition.facts", "superposition.keys"),
+    "predictions": rule_code_hash(
+        "fact_predictions", "superposition.facts", "superposition.keys"
+    ),
     "known": rule_code_hash("known_facts", "superposition.facts"),
     "keys": rule_code_hash("keys", "superposition.facts", "superposition.keys"),
     "matrices": rule_code_hash("matrices", "superposition.matrices"),
-    "summaries": rule_code_hash("summaries", "superposition.summaries", "superposition.matrices"),
+    "summaries": rule_code_hash(
+        "summaries", "superposition.summaries", "superposition.matrices"
+    ),
     "kurtosis_vs_m": rule_code_hash("kurtosis_vs_m", "superposition.summaries"),
 }
 
@@ -69,13 +75,16 @@ def block_of(model, layer):
     for index, block in enumerate(blocks_of(model)):
         if int(layer) in block:
             return index
-    raise WorkflowError(f"layer {layer} is not among the configured layers of {model}: {layers_of(model)}")
+    raise WorkflowError(
+        f"layer {layer} is not among the configured layers of {model}: {layers_of(model)}"
+    )
 
 
 def stats_for_layer(wildcards):
     block = block_of(wildcards.model, wildcards.layer)
     return [
-        res(f"stats/{wildcards.model}/shard-{shard}.block-{block}.h5") for shard in SHARDS
+        res(f"stats/{wildcards.model}/shard-{shard}.block-{block}.h5")
+        for shard in SHARDS
     ]
 
 

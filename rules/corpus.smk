@@ -4,15 +4,17 @@ rule corpus_shards:
     output:
         shards=expand(res("corpus/{{model}}/shard-{shard}.h5"), shard=SHARDS),
         manifest=res("corpus/{model}/manifest.json"),
-    params:
-        corpus=config["corpus"],
-        code=CODE["corpus"],
     log:
         res("logs/corpus_shards/{model}.log"),
     benchmark:
         res("benchmarks/corpus_shards/{model}.tsv")
+    conda:
+        "../envs/superposition.yaml"
     threads: 1
     resources:
         mem_mb=4000,
+    params:
+        corpus=config["corpus"],
+        code=CODE["corpus"],
     script:
         "../workflow/scripts/corpus_shards.py"

@@ -4,16 +4,20 @@
 rule export_rome:
     input:
         model=res("models/{model}/model.json"),
-        covariance=lambda w: res(f"covariance/{w.model}/layer-{layer_of_module(w.module)}.h5"),
+        covariance=lambda w: res(
+            f"covariance/{w.model}/layer-{layer_of_module(w.module)}.h5"
+        ),
         manifest=res("corpus/{model}/manifest.json"),
     output:
         res("rome_stats/{model}/wikipedia_stats/{module}_float32_mom2_{n}.npz"),
+    log:
+        res("logs/export_rome/{model}/{module}_{n}.log"),
+    conda:
+        "../envs/superposition.yaml"
+    threads: 1
     params:
         layer=lambda w: layer_of_module(w.module),
         code=CODE["export"],
-    log:
-        res("logs/export_rome/{model}/{module}_{n}.log"),
-    threads: 1
     script:
         "../workflow/scripts/export_rome.py"
 

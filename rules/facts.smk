@@ -4,17 +4,19 @@ rule fact_predictions:
         facts=facts_input(),
     output:
         res("facts/predictions/{model}.tsv"),
-    params:
-        facts=config["facts"],
-        stats=config["stats"],
-        code=CODE["predictions"],
     log:
         res("logs/fact_predictions/{model}.log"),
     benchmark:
         res("benchmarks/fact_predictions/{model}.tsv")
+    conda:
+        "../envs/superposition.yaml"
     threads: 2
     resources:
         mem_mb=8000,
+    params:
+        facts=config["facts"],
+        stats=config["stats"],
+        code=CODE["predictions"],
     script:
         "../workflow/scripts/fact_predictions.py"
 
@@ -26,15 +28,17 @@ rule known_facts:
     output:
         table=res("facts/known_facts.tsv"),
         selection=res("facts/selection.json"),
-    params:
-        models=MODELS,
-        facts=config["facts"],
-        code=CODE["known"],
     log:
         res("logs/known_facts.log"),
     benchmark:
         res("benchmarks/known_facts.tsv")
+    conda:
+        "../envs/superposition.yaml"
     threads: 1
+    params:
+        models=MODELS,
+        facts=config["facts"],
+        code=CODE["known"],
     script:
         "../workflow/scripts/known_facts.py"
 
@@ -45,17 +49,19 @@ rule keys:
         selection=res("facts/selection.json"),
     output:
         res("keys/{model}.h5"),
+    log:
+        res("logs/keys/{model}.log"),
+    benchmark:
+        res("benchmarks/keys/{model}.tsv")
+    conda:
+        "../envs/superposition.yaml"
+    threads: 2
+    resources:
+        mem_mb=8000,
     params:
         layers=lambda w: layers_of(w.model),
         facts=config["facts"],
         stats=config["stats"],
         code=CODE["keys"],
-    log:
-        res("logs/keys/{model}.log"),
-    benchmark:
-        res("benchmarks/keys/{model}.tsv")
-    threads: 2
-    resources:
-        mem_mb=8000,
     script:
         "../workflow/scripts/keys.py"

@@ -10,12 +10,14 @@ rule figure_heatmaps:
             labels={"model": "{model}", "figure": "P heatmaps, every layer"},
         ),
         pdf=res("figures/{model}/p_heatmaps.pdf"),
+    log:
+        res("logs/figure_heatmaps/{model}.log"),
+    conda:
+        "../envs/superposition.yaml"
     params:
         layers=lambda w: layers_of(w.model),
         dpi=config["plots"]["dpi"],
         code=rule_code_hash("figure_heatmaps", "superposition.plots"),
-    log:
-        res("logs/figure_heatmaps/{model}.log"),
     script:
         "../workflow/scripts/figure_heatmaps.py"
 
@@ -32,11 +34,13 @@ rule figure_kde:
             labels={"model": "{model}", "figure": "P density, every layer"},
         ),
         pdf=res("figures/{model}/p_kde.pdf"),
+    log:
+        res("logs/figure_kde/{model}.log"),
+    conda:
+        "../envs/superposition.yaml"
     params:
         dpi=config["plots"]["dpi"],
         code=rule_code_hash("figure_kde", "superposition.plots"),
-    log:
-        res("logs/figure_kde/{model}.log"),
     script:
         "../workflow/scripts/figure_kde.py"
 
@@ -53,11 +57,13 @@ rule figure_kurtosis_vs_m:
             labels={"model": "{model}", "figure": "kurtosis vs number of facts"},
         ),
         pdf=res("figures/{model}/kurtosis_vs_m.pdf"),
+    log:
+        res("logs/figure_kurtosis_vs_m/{model}.log"),
+    conda:
+        "../envs/superposition.yaml"
     params:
         dpi=config["plots"]["dpi"],
         code=rule_code_hash("figure_kurtosis_vs_m", "superposition.plots"),
-    log:
-        res("logs/figure_kurtosis_vs_m/{model}.log"),
     script:
         "../workflow/scripts/figure_kurtosis_vs_m.py"
 
@@ -74,12 +80,14 @@ rule figure_p_across_models:
             labels={"figure": "Fig. 3: P at layer 0 across models"},
         ),
         pdf=figure("fig3_p_heatmaps_first_layer")["pdf"],
+    log:
+        res("logs/figure_p_across_models.log"),
+    conda:
+        "../envs/superposition.yaml"
     params:
         layers=[first_layer(m) for m in MODELS],
         dpi=config["plots"]["dpi"],
         code=rule_code_hash("figure_across_models", "superposition.plots"),
-    log:
-        res("logs/figure_p_across_models.log"),
     script:
         "../workflow/scripts/figure_p_across_models.py"
 
@@ -96,11 +104,13 @@ rule figure_kde_across_models:
             labels={"figure": "Fig. 4: P density at layer 0 across models"},
         ),
         pdf=figure("fig4_p_kde_first_layer")["pdf"],
+    log:
+        res("logs/figure_kde_across_models.log"),
+    conda:
+        "../envs/superposition.yaml"
     params:
         dpi=config["plots"]["dpi"],
         code=rule_code_hash("figure_kde_across_models", "superposition.plots"),
-    log:
-        res("logs/figure_kde_across_models.log"),
     script:
         "../workflow/scripts/figure_kde_across_models.py"
 
@@ -117,11 +127,13 @@ rule figure_kurtosis_vs_layer:
             labels={"figure": "Fig. 5: kurtosis by layer"},
         ),
         pdf=figure("fig5_kurtosis_vs_layer")["pdf"],
+    log:
+        res("logs/figure_kurtosis_vs_layer.log"),
+    conda:
+        "../envs/superposition.yaml"
     params:
         dpi=config["plots"]["dpi"],
         code=rule_code_hash("figure_kurtosis_vs_layer", "superposition.plots"),
-    log:
-        res("logs/figure_kurtosis_vs_layer.log"),
     script:
         "../workflow/scripts/figure_kurtosis_vs_layer.py"
 
@@ -138,10 +150,12 @@ rule figure_angles:
             labels={"figure": "Fig. 6: angles, whitening vs activation space"},
         ),
         pdf=figure("fig6_angles_last_layer")["pdf"],
+    log:
+        res("logs/figure_angles.log"),
+    conda:
+        "../envs/superposition.yaml"
     params:
         dpi=config["plots"]["dpi"],
         code=rule_code_hash("figure_angles", "superposition.plots"),
-    log:
-        res("logs/figure_angles.log"),
     script:
         "../workflow/scripts/figure_angles.py"

@@ -7,16 +7,18 @@ rule matrices:
     output:
         h5=res("matrices/{model}/layer-{layer}.h5"),
         top_pairs=res("matrices/{model}/layer-{layer}.top_pairs.tsv"),
-    params:
-        facts=config["facts"],
-        n_top=config["matrices"]["top_pairs"],
-        code=CODE["matrices"],
     log:
         res("logs/matrices/{model}/layer-{layer}.log"),
     benchmark:
         res("benchmarks/matrices/{model}/layer-{layer}.tsv")
+    conda:
+        "../envs/superposition.yaml"
     threads: 1
     resources:
         mem_mb=2000,
+    params:
+        facts=config["facts"],
+        n_top=config["matrices"]["top_pairs"],
+        code=CODE["matrices"],
     script:
         "../workflow/scripts/matrices.py"

@@ -1,16 +1,18 @@
 rule model_snapshot:
     output:
         res("models/{model}/model.json"),
-    params:
-        entry=lambda w: config["models"][w.model],
-        cache_dir=config["cache_dir"],
-        code=CODE["models"],
     log:
         res("logs/model_snapshot/{model}.log"),
     benchmark:
         res("benchmarks/model_snapshot/{model}.tsv")
+    conda:
+        "../envs/superposition.yaml"
     threads: 2
     resources:
         mem_mb=8000,
+    params:
+        entry=lambda w: config["models"][w.model],
+        cache_dir=config["cache_dir"],
+        code=CODE["models"],
     script:
         "../workflow/scripts/model_snapshot.py"

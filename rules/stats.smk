@@ -4,6 +4,15 @@ rule activation_stats:
         shard=res("corpus/{model}/shard-{shard}.h5"),
     output:
         res("stats/{model}/shard-{shard}.block-{block}.h5"),
+    log:
+        res("logs/activation_stats/{model}/shard-{shard}.block-{block}.log"),
+    benchmark:
+        res("benchmarks/activation_stats/{model}/shard-{shard}.block-{block}.tsv")
+    conda:
+        "../envs/superposition.yaml"
+    threads: stats_threads()
+    resources:
+        mem_mb=16000,
     params:
         layers=lambda w: blocks_of(w.model)[int(w.block)],
         stats=config["stats"],
@@ -11,13 +20,6 @@ rule activation_stats:
             f"checkpoints/{w.model}/shard-{w.shard}.block-{w.block}.h5"
         ),
         code=CODE["stats"],
-    log:
-        res("logs/activation_stats/{model}/shard-{shard}.block-{block}.log"),
-    benchmark:
-        res("benchmarks/activation_stats/{model}/shard-{shard}.block-{block}.tsv")
-    threads: stats_threads()
-    resources:
-        mem_mb=16000,
     script:
         "../workflow/scripts/activation_stats.py"
 
@@ -29,15 +31,17 @@ rule covariance:
         stats=stats_for_layer,
     output:
         res("covariance/{model}/layer-{layer}.h5"),
-    params:
-        code=CODE["merge"],
     log:
         res("logs/covariance/{model}/layer-{layer}.log"),
     benchmark:
         res("benchmarks/covariance/{model}/layer-{layer}.tsv")
+    conda:
+        "../envs/superposition.yaml"
     threads: 1
     resources:
         mem_mb=4000,
+    params:
+        code=CODE["merge"],
     script:
         "../workflow/scripts/covariance.py"
 
@@ -48,15 +52,17 @@ rule whitening:
         covariance=res("covariance/{model}/layer-{layer}.h5"),
     output:
         res("whitening/{model}/layer-{layer}.h5"),
-    params:
-        ridge=config["whitening"]["ridge"],
-        code=CODE["whitening"],
     log:
         res("logs/whitening/{model}/layer-{layer}.log"),
     benchmark:
         res("benchmarks/whitening/{model}/layer-{layer}.tsv")
+    conda:
+        "../envs/superposition.yaml"
     threads: 1
     resources:
         mem_mb=4000,
+    params:
+        ridge=config["whitening"]["ridge"],
+        code=CODE["whitening"],
     script:
         "../workflow/scripts/whitening.py"

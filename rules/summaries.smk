@@ -11,15 +11,17 @@ rule summaries:
             labels={"model": "{model}", "table": "per-layer statistics"},
         ),
         kde=res("summaries/{model}/kde.h5"),
-    params:
-        layers=lambda w: layers_of(w.model),
-        kde_grid=config["summaries"]["kde_grid"],
-        code=CODE["summaries"],
     log:
         res("logs/summaries/{model}.log"),
     benchmark:
         res("benchmarks/summaries/{model}.tsv")
+    conda:
+        "../envs/superposition.yaml"
     threads: 1
+    params:
+        layers=lambda w: layers_of(w.model),
+        kde_grid=config["summaries"]["kde_grid"],
+        code=CODE["summaries"],
     script:
         "../workflow/scripts/summaries.py"
 
@@ -39,14 +41,16 @@ rule kurtosis_vs_m:
             category="Tables",
             labels={"model": "{model}", "table": "kurtosis vs m"},
         ),
-    params:
-        layers=lambda w: study_layers(w.model),
-        m_values=config["summaries"]["m_values"],
-        code=CODE["kurtosis_vs_m"],
     log:
         res("logs/kurtosis_vs_m/{model}.log"),
     benchmark:
         res("benchmarks/kurtosis_vs_m/{model}.tsv")
+    conda:
+        "../envs/superposition.yaml"
     threads: 1
+    params:
+        layers=lambda w: study_layers(w.model),
+        m_values=config["summaries"]["m_values"],
+        code=CODE["kurtosis_vs_m"],
     script:
         "../workflow/scripts/kurtosis_vs_m.py"

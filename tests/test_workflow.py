@@ -157,3 +157,11 @@ def test_rome_export_matches_the_covariance(tiny_run):
         assert int(state["mom2.count"]) == n and int(state["sample_size"]) == 24
         assert state["mom2.mom2"].dtype == np.float32
         np.testing.assert_allclose(state["mom2.mom2"] / n, C, rtol=1e-6, atol=1e-9)
+
+
+def test_lint_and_format():
+    lint = snakemake("--lint", check=False)
+    assert lint.returncode == 0 and "Lints for" not in lint.stdout + lint.stderr, lint.stdout[-3000:]
+    fmt = subprocess.run([str(Path(sys.executable).parent / "snakefmt"), "--check", "."], cwd=REPO,
+                         capture_output=True, text=True)
+    assert fmt.returncode == 0, fmt.stderr[-3000:]
