@@ -165,3 +165,13 @@ def test_lint_and_format():
     fmt = subprocess.run([str(Path(sys.executable).parent / "snakefmt"), "--check", "."], cwd=REPO,
                          capture_output=True, text=True)
     assert fmt.returncode == 0, fmt.stderr[-3000:]
+
+
+def test_paper_rebuild_dry_run_needs_no_network():
+    out = snakemake("-n", "--configfile", "config/paper.yaml", "--forceall").stdout
+    counts = job_counts(out)
+    assert counts["model_snapshot"] == 11 and counts["keys"] == 11
+    assert counts["matrices"] == 12 + 24 + 36 + 16 + 32 + 32 + 28 + 32 + 40 + 32 + 32
+    # layer blocks: Llama-2-13B's 40 layers in blocks of 10 over 8 shards
+    assert "results/paper/stats/llama-2-13b/shard-7.block-3.h5" in out
+    assert "fact_predictions" not in counts  # explicit case_ids bypass the known-fact filter
