@@ -57,14 +57,20 @@ def code_version() -> str:
 
 
 def environment() -> dict[str, str]:
-    import torch
-    import transformers
+    """Versions of the code and libraries, read from package metadata (importing torch here costs seconds)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
 
     return {
         "code_version": code_version(),
         "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        "torch": installed("torch"),
+        "transformers": installed("transformers"),
     }
 
 
