@@ -27,3 +27,4 @@ rule all:
         figure("fig4_p_kde_first_layer")["png"],
         figure("fig5_kurtosis_vs_layer")["png"],
         figure("fig6_angles_last_layer")["png"],
+        figure("kurtosis_vs_size")["png"],

@@ -159,3 +159,26 @@ rule figure_angles:
         code=rule_code_hash("figure_angles", "superposition.plots"),
     script:
         "../workflow/scripts/figure_angles.py"
+
+
+rule figure_kurtosis_vs_size:
+    input:
+        models=expand(res("models/{model}/model.json"), model=MODELS),
+        tables=expand(res("summaries/{model}/layers.tsv"), model=MODELS),
+    output:
+        png=report(
+            figure("kurtosis_vs_size")["png"],
+            caption="../report/kurtosis_vs_size.rst",
+            category="Paper figures",
+            labels={"figure": "Kurtosis vs model size, by family"},
+        ),
+        pdf=figure("kurtosis_vs_size")["pdf"],
+    params:
+        dpi=config["plots"]["dpi"],
+        code=rule_code_hash("figure_kurtosis_vs_size", "superposition.plots"),
+    log:
+        res("logs/figure_kurtosis_vs_size.log"),
+    conda:
+        "../envs/superposition.yaml"
+    script:
+        "../workflow/scripts/figure_kurtosis_vs_size.py"

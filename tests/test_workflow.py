@@ -175,3 +175,22 @@ def test_paper_rebuild_dry_run_needs_no_network():
     # layer blocks: Llama-2-13B's 40 layers in blocks of 10 over 8 shards
     assert "results/paper/stats/llama-2-13b/shard-7.block-3.h5" in out
     assert "fact_predictions" not in counts  # explicit case_ids bypass the known-fact filter
+
+
+def test_every_figure_rule_wrote_a_decodable_png_and_a_pdf(tiny_run):
+    from PIL import Image
+
+    tmp, _ = tiny_run
+    figures = tmp / "results/figures"
+    pngs = sorted(figures.rglob("*.png"))
+    names = {p.relative_to(figures).as_posix() for p in pngs}
+    assert names == {"tiny/p_heatmaps.png", "tiny/p_kde.png", "tiny/kurtosis_vs_m.png",
+                     "fig3_p_heatmaps_first_layer.png", "fig4_p_kde_first_layer.png", "fig5_kurtosis_vs_layer.png",
+                     "fig6_angles_last_layer.png", "kurtosis_vs_size.png"}
+    for png in pngs:
+        with Image.open(png) as image:
+            image.load()
+            assert image.format == "PNG" and image.size[0] >= 400 and image.size[1] >= 300, (png, image.size)
+        assert png.with_suffix(".pdf").read_bytes()[:4] == b"%PDF"
+    rows = (tmp / "results/summaries/tiny/layers.tsv").read_text().splitlines()
+    assert len(rows) == 1 + 3 and rows[0].startswith("layer\tm\tn_values\tn_tokens\tP_excess_kurtosis")

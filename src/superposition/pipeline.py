@@ -423,3 +423,16 @@ def export_rome(model_json: str, covariance_path: str, corpus_manifest: str, lay
 def rome_module(model_json: str, layer: int) -> str:
     manifest = models.read_manifest(model_json)
     return models.family_for(manifest["model_type"]).module_name(layer)
+
+
+def figure_kurtosis_vs_size(model_jsons: Sequence[str], tables: Sequence[str], png: str, pdf: str, dpi: int) -> None:
+    from . import plots
+    from .summaries import read_table
+
+    points = []
+    for mj, table in zip(model_jsons, tables):
+        manifest = models.read_manifest(mj)
+        _, params = _label(mj)
+        kurt = [float(r["P_excess_kurtosis"]) for r in read_table(table)]
+        points.append((manifest["family"], manifest["name"], params, kurt[0], float(np.mean(kurt))))
+    plots.kurtosis_vs_size(points, png, pdf, dpi)

@@ -150,3 +150,27 @@ def kurtosis_vs_m(series: Sequence[tuple[str, np.ndarray, np.ndarray]], model: s
     ax.set_title(f"{model}: does kurtosis converge in m?")
     ax.legend(frameon=False, loc="best")
     save(fig, png, pdf, dpi)
+
+
+def kurtosis_vs_size(points: Sequence[tuple[str, str, float, float, float]], png, pdf, dpi: int) -> None:
+    """Kurtosis against parameter count, one line per family (a family's sizes joined), two panels:
+    the first analysed layer and the mean over all analysed layers.
+
+    ``points``: (family, label, params in millions, first-layer kurtosis, mean kurtosis over layers).
+    """
+    fig, axes = plt.subplots(1, 2, figsize=(8.0, 3.4), squeeze=False)
+    families = sorted({p[0] for p in points})
+    for family in families:
+        mine = sorted((p for p in points if p[0] == family), key=lambda p: p[2])
+        x = [p[2] * 1e6 for p in mine]
+        for ax, column in zip(axes.flat, (3, 4)):
+            ax.plot(x, [p[column] for p in mine], marker="o", lw=1.2, label=family)
+            for p in mine:
+                ax.annotate(p[1], (p[2] * 1e6, p[column]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    for ax, title in zip(axes.flat, ("first analysed layer", "mean over analysed layers")):
+        ax.set_xscale("log")
+        ax.set_xlabel("parameters")
+        ax.set_ylabel("excess kurtosis of off-diagonal P")
+        ax.set_title(f"Kurtosis vs model size: {title}")
+    axes.flat[0].legend(title="family", frameon=False, loc="best")
+    save(fig, png, pdf, dpi)
