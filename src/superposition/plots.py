@@ -87,7 +87,7 @@ def kde_per_layer(grid: np.ndarray, curves: dict[int, np.ndarray], model: str, p
     fig.colorbar(sm, ax=ax, label="layer")
     ax.set_xlabel("off-diagonal P[i, j]")
     ax.set_ylabel("density")
-    ax.set_title(f"{model}: distribution of P off the diagonal (Gaussian KDE), every layer")
+    ax.set_title(f"{model}\noff-diagonal P at every layer (Gaussian KDE)")
     ax.axvline(0.0, color="0.6", lw=0.6, ls=":")
     save(fig, png, pdf, dpi)
 
@@ -100,7 +100,7 @@ def kde_across_models(grid: np.ndarray, curves: Sequence[tuple[str, np.ndarray]]
         ax.plot(grid, density, lw=1.4, label=label)
     ax.set_xlabel("off-diagonal P[i, j]")
     ax.set_ylabel("density")
-    ax.set_title(f"Distribution of P off the diagonal at {layer_label} (Gaussian KDE)")
+    ax.set_title(f"Off-diagonal P at {layer_label} (Gaussian KDE)")
     ax.axvline(0.0, color="0.6", lw=0.6, ls=":")
     ax.legend(loc="upper right", frameon=False)
     save(fig, png, pdf, dpi)
@@ -126,28 +126,34 @@ def angle_distributions(panels: Sequence[tuple[str, np.ndarray, np.ndarray, np.n
     ``panels``: (title, angle grid in degrees, density of whitening-space angles, density of activation angles).
     """
     n = len(panels)
-    fig, axes = plt.subplots(1, n, figsize=(3.4 * n, 3.2), squeeze=False, sharey=False)
+    fig, axes = plt.subplots(1, n, figsize=(max(4.6, 3.6 * n), 3.6), squeeze=False, sharey=False)
     for ax, (title, grid, white, act) in zip(axes.flat, panels):
-        ax.plot(grid, white, lw=1.4, label="whitening space C^-1/2 k")
-        ax.plot(grid, act, lw=1.4, label="activation space k")
+        ax.plot(grid, white, lw=1.4, label=r"whitening space: angle($C^{-1/2}k_i$, $C^{-1/2}k_j$)")
+        ax.plot(grid, act, lw=1.4, label=r"activation space: angle($k_i$, $k_j$)")
         ax.axvline(90.0, color="0.6", lw=0.6, ls=":")
         ax.set_xlabel("angle between keys (degrees)")
         ax.set_ylabel("density")
         ax.set_title(title)
         ax.set_xlim(0, 180)
-    axes.flat[0].legend(frameon=False, loc="upper left")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=2, frameon=False)
+    fig.suptitle("Angles between knowledge keys at the last analysed layer")
     save(fig, png, pdf, dpi)
 
 
 def kurtosis_vs_m(series: Sequence[tuple[str, np.ndarray, np.ndarray]], model: str, png, pdf, dpi: int) -> None:
     """Kurtosis of off-diagonal P against the number of facts m, one line per layer (appendix C of the paper)."""
     fig, ax = plt.subplots(figsize=(5.6, 3.6))
+    ticks: set[int] = set()
     for label, ms, kurt in series:
         ax.plot(ms, kurt, marker="o", ms=3, lw=1.2, label=label)
+        ticks.update(int(m) for m in ms)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("number of facts m")
+    ax.set_xticks(sorted(ticks), [str(t) for t in sorted(ticks)])
+    ax.minorticks_off()
+    ax.set_xlabel("number of facts m (the largest: every known fact)")
     ax.set_ylabel("excess kurtosis of off-diagonal P")
-    ax.set_title(f"{model}: does kurtosis converge in m?")
+    ax.set_title(f"{model}\nkurtosis of off-diagonal P vs number of facts")
     ax.legend(frameon=False, loc="best")
     save(fig, png, pdf, dpi)
 
