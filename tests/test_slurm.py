@@ -1,0 +1,236 @@
+"""The workflow through SLURM (profiles/slurm) on a one-node local cluster with a fake GPU.
+
+tests/slurm/start-local-slurm.sh installs Debian's slurmctld/slurmd/munge when missing and starts them;
+the module fixture stops them at the end. The cluster tests skip only where that cannot work (not root,
+or no apt-get and no SLURM). Each SLURM job runs Snakemake again inside the allocation, so the tiny run
+takes a few minutes; every subprocess is bounded by `timeout`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import yaml
+
+from test_workflow import write_config
+
+REPO = Path(__file__).resolve().parents[1]
+PROFILE = REPO / "profiles" / "slurm"
+SCRIPTS = Path(__file__).resolve().parent / "slurm"
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+GPU_RULES = ["activation_stats", "keys", "fact_predictions", "model_snapshot"]
+# The local cluster's partitions (tests/slurm/start-local-slurm.sh).
+LOCAL_ENV = {
+    "SUPERPOSITION_SLURM_ACCOUNT": "",  # no accounting database: no account
+    "SUPERPOSITION_SLURM_PARTITION": "cpu",
+    "SUPERPOSITION_SLURM_GPU_PARTITION": "gpu",
+}
+
+
+def run(cmd, seconds, *, cwd=REPO, env=None, check=True):
+    """A subprocess under `timeout -k 10 seconds`; output captured as text."""
+    full = ["timeout", "-k", "10", str(seconds), *map(str, cmd)]
+    proc = subprocess.run(full, cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True)
+    if proc.returncode == 124:
+        raise AssertionError(f"timed out after {seconds}s: {' '.join(full)}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}: {' '.join(full)}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+# ---------------------------------------------------------------------------------- profile, no cluster
+
+
+def test_profile_names_only_workflow_rules_and_requests_gpus():
+    profile = yaml.safe_load((PROFILE / "config.yaml").read_text())
+    assert profile["executor"] == "slurm" and profile["retries"] == 1
+    rules = set(run([*SNAKEMAKE, "--list", "--workflow-profile", "none"], 120).stdout.split())
+    named = set(profile["set-resources"]) | set(profile["set-threads"])
+    assert named <= rules, f"profile names rules the workflow does not have: {named - rules}"
+    for rule in GPU_RULES:
+        res = profile["set-resources"][rule]
+        assert res["gpu"] == 1 and "attempt" in str(res["mem_mb"]) and "attempt" in str(res["runtime"])
+        assert res["slurm_partition"] == "$SUPERPOSITION_SLURM_GPU_PARTITION"
+    for rule, res in profile["set-resources"].items():
+        if rule not in GPU_RULES:
+            assert "gpu" not in res and "slurm_partition" not in res, rule
+    assert profile["default-resources"]["slurm_partition"] == "$SUPERPOSITION_SLURM_PARTITION"
+
+
+def test_profile_dry_run_resolves_partitions_and_scales_with_attempt():
+    env = {**LOCAL_ENV, "SUPERPOSITION_SLURM_ACCOUNT": "acct42", "SUPERPOSITION_SLURM_GPU_PARTITION": "gpuq"}
+    out = run([*SNAKEMAKE, "-n", "--forceall", "--workflow-profile", PROFILE, "--executor", "dryrun"], 180,
+              env=env).stdout
+    stats = out.split("rule activation_stats:")[1].split("resources:")[1].splitlines()[0]
+    assert "slurm_partition=gpuq" in stats and "gpu=1" in stats and "slurm_account=acct42" in stats
+    assert "mem_mb=64000" in stats and "runtime=720" in stats  # attempt 1
+    cov = out.split("rule covariance:")[1].split("resources:")[1].splitlines()[0]
+    assert "slurm_partition=cpu" in cov and "gpu=" not in cov and "mem_mb=12000" in cov
+
+
+# ------------------------------------------------------------------------------------- local cluster
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    if os.geteuid() != 0:
+        pytest.skip("the local SLURM cluster needs root (it installs Debian packages and starts daemons)")
+    if not shutil.which("slurmctld") and not shutil.which("apt-get"):
+        pytest.skip("SLURM is not installed and apt-get is not available to install it")
+    proc = subprocess.run(["timeout", "-k", "10", "300", "bash", str(SCRIPTS / "start-local-slurm.sh")],
+                          capture_output=True, text=True)
+    if proc.returncode == 3:
+        pytest.skip(f"SLURM packages could not be installed: {proc.stderr[-1500:]}")
+    assert proc.returncode == 0, f"local SLURM cluster did not start ({proc.returncode}):\n{proc.stderr[-4000:]}"
+    yield
+    subprocess.run(["timeout", "-k", "10", "60", "bash", str(SCRIPTS / "stop-local-slurm.sh")],
+                   capture_output=True, text=True)
+
+
+def local_profile(dest: Path, logdir: Path) -> Path:
+    """profiles/slurm/config.yaml sized for the 2-core test node; partitions still come from the env vars.
+
+    Memory and CPU counts are scaled down (the node cannot grant 64 GB or 8 CPUs); everything else, the
+    GPU requests, partitions, expressions and retries, is the real profile's.
+    """
+    profile = yaml.safe_load((PROFILE / "config.yaml").read_text())
+    for res in profile["set-resources"].values():
+        if "mem_mb" in res:
+            res["mem_mb"] = "1500 * attempt"
+        if "cpus_per_gpu" in res:
+            res["cpus_per_gpu"] = 1
+        if "runtime" in res:
+            res["runtime"] = "10 * attempt"
+    profile["set-threads"] = {rule: 1 for rule in profile["set-threads"]}
+    profile["default-resources"]["mem_mb"] = "1500 * attempt"
+    profile.update({
+        "latency-wait": 5,
+        "jobs": 4,
+        "cores": 2,  # the node's CPUs: every job here asks for one
+        "slurm-status-command": "squeue",  # no slurmdbd here: sacct cannot answer
+        "slurm-init-seconds-before-status-checks": 1,
+        "slurm-logdir": str(logdir),
+        "slurm-keep-successful-logs": True,
+    })
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "config.yaml").write_text(yaml.safe_dump(profile, sort_keys=False))
+    return dest
+
+
+def tiny_setup(tmp: Path, snapshot_path: str, results: str = "results") -> Path:
+    """The tiny random Llama, facts and config of test_workflow.tiny_run."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    if not (tmp / "tiny").is_dir():
+        torch.manual_seed(0)
+        tokenizer = AutoTokenizer.from_pretrained(snapshot_path)
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+        LlamaForCausalLM(config).save_pretrained(tmp / "tiny")
+        tokenizer.save_pretrained(tmp / "tiny")
+        facts = [{"case_id": i, "requested_rewrite": {"prompt": p, "subject": s, "relation_id": "P",
+                                                      "target_true": {"str": t}}}
+                 for i, (p, s, t) in enumerate([("The capital of {} is", "France", "Paris"),
+                                                ("{} is located in", "France", "Europe"),
+                                                ("{} was developed by", "Windows 8.1", "Microsoft"),
+                                                ("{} was developed by", "Mac OS X 10.1", "Apple"),
+                                                ("The capital of {} is", "Japan", "Tokyo")])]
+        (tmp / "facts.json").write_text(json.dumps(facts))
+    run_dir = tmp / results
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = write_config(
+        run_dir,
+        models={"tiny": {"source": "local", "path": str(tmp / "tiny"), "n_layers": 3, "params_millions": 1.6}},
+        corpus={"source": "wiki_offline", "n_documents": 24, "max_length": 48, "n_shards": 2},
+        facts={"source": "file", "path": str(tmp / "facts.json"), "m": 4, "case_ids": [4, 0, 1, 2, 3]},
+        stats={"checkpoint_every": 2, "max_tokens_per_batch": 256},
+    )
+    return cfg
+
+
+def matrix_targets(cfg: Path) -> list[str]:
+    results = yaml.safe_load(cfg.read_text())["results"]
+    return [f"{results}/matrices/tiny/layer-{layer}.h5" for layer in range(3)]
+
+
+def slurm_jobs(output: str) -> dict[str, dict[str, str]]:
+    """SLURM job id -> `scontrol show job -o` fields, for every job Snakemake says it submitted."""
+    ids = re.findall(r"has been submitted with SLURM jobid (\d+)", output)
+    jobs = {}
+    for jobid in ids:
+        line = run(["scontrol", "show", "job", "-o", jobid], 30).stdout.strip()
+        fields = dict(item.split("=", 1) for item in line.split() if "=" in item)
+        jobs[jobid] = fields
+    return jobs
+
+
+def test_tiny_workflow_through_slurm_matches_a_local_run(slurm_cluster, smollm2_snapshot, tmp_path):
+    cfg_slurm = tiny_setup(tmp_path, smollm2_snapshot["path"], "via_slurm")
+    cfg_local = tiny_setup(tmp_path, smollm2_snapshot["path"], "via_local")
+    profile = local_profile(tmp_path / "profile", tmp_path / "slurm_logs")
+
+    # the local reference run goes alongside: the SLURM run mostly waits for its status polls
+    local = subprocess.Popen(["timeout", "-k", "10", "300", *SNAKEMAKE, *matrix_targets(cfg_local), "--configfile",
+                              str(cfg_local), "--cores", "1"], cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    started = time.monotonic()
+    proc = run([*SNAKEMAKE, *matrix_targets(cfg_slurm), "--workflow-profile", profile, "--configfile", cfg_slurm],
+               300, env=LOCAL_ENV, check=False)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"SLURM run failed:\n{text[-8000:]}"
+    slurm_seconds = time.monotonic() - started
+
+    # every job went through sbatch and finished there
+    jobs = slurm_jobs(text)
+    rules = {fields["Comment"].split("_wildcards_")[0].removeprefix("rule_") for fields in jobs.values()}
+    assert {"model_snapshot", "corpus_shards", "activation_stats", "covariance", "whitening", "keys",
+            "matrices"} <= rules, rules
+    assert all(fields["JobState"] == "COMPLETED" for fields in jobs.values()), jobs
+    by_rule = {}
+    for fields in jobs.values():
+        by_rule.setdefault(fields["Comment"].split("_wildcards_")[0].removeprefix("rule_"), []).append(fields)
+    # the GPU rules asked SLURM for the GPU, on the GPU partition; the CPU rules did not
+    for rule in ["activation_stats", "keys", "model_snapshot"]:
+        for fields in by_rule[rule]:
+            assert fields["Partition"] == "gpu" and "gres:gpu:1" in fields.get("TresPerJob", ""), fields
+    assert len(by_rule["activation_stats"]) == 2
+    for rule in ["covariance", "whitening", "matrices", "corpus_shards"]:
+        for fields in by_rule[rule]:
+            assert fields["Partition"] == "cpu" and "gpu" not in fields.get("TresPerJob", ""), fields
+
+    local_out, _ = local.communicate()
+    assert local.returncode == 0, f"local run failed ({local.returncode}):\n{local_out[-5000:]}"
+    for slurm_file, local_file in zip(matrix_targets(cfg_slurm), matrix_targets(cfg_local)):
+        with h5py.File(slurm_file) as a, h5py.File(local_file) as b:
+            np.testing.assert_allclose(a["P"][()], b["P"][()], rtol=0, atol=1e-6)
+            assert list(a["case_ids"][()]) == list(b["case_ids"][()])
+    print(f"SLURM run: {len(jobs)} jobs in {slurm_seconds:.0f} s")
+
+
+def test_unknown_partition_is_reported_with_the_rule_name(slurm_cluster, tmp_path):
+    cfg = write_config(tmp_path, models={"tiny": {"source": "local", "path": str(tmp_path / "nothing"),
+                                                  "n_layers": 3}})
+    profile = local_profile(tmp_path / "profile", tmp_path / "slurm_logs")
+    results = yaml.safe_load(cfg.read_text())["results"]
+    env = {**LOCAL_ENV, "SUPERPOSITION_SLURM_GPU_PARTITION": "no_such_partition"}
+    proc = run([*SNAKEMAKE, f"{results}/models/tiny/model.json", "--workflow-profile", profile, "--configfile", cfg],
+               120, env=env, check=False)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "SLURM sbatch failed" in text and "Invalid partition name specified" in text, text[-5000:]
+    assert "Error in rule model_snapshot" in text and "-p no_such_partition" in text
+    # retries: 1 resubmits once, with the profile's sizes scaled by attempt=2
+    calls = re.findall(r"sbatch --parsable .*", text)
+    assert len(calls) == 2 and "--gpus=1" in calls[0]
+    assert "--mem 1500" in calls[0] and "-t 10 " in calls[0] and "--mem 3000" in calls[1] and "-t 20 " in calls[1]
