@@ -173,9 +173,14 @@ def kurtosis_vs_size(points: Sequence[tuple[str, str, float, float, float]], png
             ax.plot(x, [p[column] for p in mine], marker="o", lw=1.2, label=family)
             for p in mine:
                 ax.annotate(p[1], (p[2] * 1e6, p[column]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    sizes = sorted({p[2] for p in points})
+    labels = [f"{v / 1000:.3g}B" if v >= 1000 else f"{v:.3g}M" for v in sizes]
     for ax, title in zip(axes.flat, ("first analysed layer", "mean over analysed layers")):
         ax.set_xscale("log")
-        ax.set_xlabel("parameters")
+        ax.minorticks_off()
+        ax.set_xticks([v * 1e6 for v in sizes], labels)  # one tick per model size
+        ax.margins(x=0.3, y=0.12)
+        ax.set_xlabel("parameters (log scale)")
         ax.set_ylabel("excess kurtosis of off-diagonal P")
         ax.set_title(f"Kurtosis vs model size: {title}")
     axes.flat[0].legend(title="family", frameon=False, loc="best")
