@@ -44,6 +44,8 @@ def test_padding_and_batch_size_do_not_change_keys(smollm2):
     single = keys.run_prompts(model, tokenizer, FACTS, layers=layers, predictions=True, batch_size=1)
     left = keys.run_prompts(model, tokenizer, FACTS, layers=layers, predictions=True, batch_size=64,
                             padding_side="left")
+    right = keys.run_prompts(model, tokenizer, FACTS, layers=layers, predictions=True, batch_size=64,
+                             padding_side="right")
     n = len(FACTS)
 
     def rel(a, b):  # per fact and layer: |a - b| / |b| of the key vector
@@ -52,7 +54,9 @@ def test_padding_and_batch_size_do_not_change_keys(smollm2):
     assert rel(batched.keys[:n], single.keys) <= 1e-5
     assert rel(batched.keys[-n:], single.keys) <= 1e-5
     assert rel(left.keys, single.keys) <= 1e-5
-    assert batched.predicted[:n] == single.predicted == left.predicted
+    assert rel(right.keys, single.keys) <= 1e-5
+    assert batched.predicted[:n] == single.predicted == left.predicted == right.predicted
+    assert max(abs(a - b) for a, b in zip(left.margin, right.margin)) < 1e-4
 
 
 def test_same_subject_at_prompt_start_gives_identical_keys_and_p_one(smollm2):

@@ -61,7 +61,7 @@ def run_prompts(
     predictions: bool = True,
     context_templates: Sequence[str] | None = None,
     batch_size: int = 64,
-    padding_side: str = "right",
+    padding_side: str | None = None,
 ) -> PromptRun:
     """Keys at ``layers`` (all of them if None; none if an empty list) and next-token predictions for ``facts``.
 
@@ -70,6 +70,10 @@ def run_prompts(
     """
     import torch
 
+    # Left padding puts every prompt's last token in the last column, so only that column's logits are computed
+    # (logits_to_keep=1): the LM head over a 262k vocabulary at every position would dominate. Explicit position
+    # ids keep keys identical to right padding.
+    padding_side = padding_side or ("left" if predictions else "right")
     n_layers = len(blocks(model))
     layers = list(range(n_layers)) if layers is None else list(layers)
     templates = list(context_templates) if context_templates else ["{}"]
@@ -129,7 +133,11 @@ def run_prompts(
             current["rows"] = torch.arange(len(seqs), device=device)
             current["cols"] = torch.as_tensor(cols, device=device)
             with torch.inference_mode():
-                if predictions:
+                if predictions and padding_side == "left":
+                    out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                position_ids=positions.to(device), use_cache=False, logits_to_keep=1)
+                    last_logits.append(out.logits[:, -1].float().cpu())
+                elif predictions:
                     out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
                                 position_ids=positions.to(device), use_cache=False)
                     last_logits.append(out.logits[torch.arange(len(seqs)), torch.as_tensor(last)].float().cpu())

@@ -75,7 +75,9 @@ alive() {  # alive PIDFILE NAME: the pid in the file is a running process with t
   [ -n "$pid" ] && [ -r "/proc/$pid/comm" ] && [ "$(cat "/proc/$pid/comm")" = "$2" ]
 }
 
-if ! alive /run/munge/munged.pid munged; then
+if munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
+  :  # a munged is already answering (ours from an earlier start, or the system's)
+elif ! alive /run/munge/munged.pid munged; then
   log "starting munged"
   rm -f /run/munge/munged.pid /run/munge/munge.socket.2 /run/munge/munge.socket.2.lock
   if [ "$MUNGE_USER" = munge ]; then
