@@ -12,6 +12,8 @@ rule export_rome:
         res("rome_stats/{model}/wikipedia_stats/{module}_float32_mom2_{n}.npz"),
     log:
         res("logs/export_rome/{model}/{module}_{n}.log"),
+    benchmark:
+        res("benchmarks/export_rome/{model}/{module}_{n}.tsv")
     conda:
         "../envs/superposition.yaml"
     threads: 1

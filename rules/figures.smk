@@ -12,6 +12,8 @@ rule figure_heatmaps:
         pdf=res("figures/{model}/p_heatmaps.pdf"),
     log:
         res("logs/figure_heatmaps/{model}.log"),
+    benchmark:
+        res("benchmarks/figure_heatmaps/{model}.tsv")
     conda:
         "../envs/superposition.yaml"
     params:
@@ -36,6 +38,8 @@ rule figure_kde:
         pdf=res("figures/{model}/p_kde.pdf"),
     log:
         res("logs/figure_kde/{model}.log"),
+    benchmark:
+        res("benchmarks/figure_kde/{model}.tsv")
     conda:
         "../envs/superposition.yaml"
     params:
@@ -59,6 +63,8 @@ rule figure_kurtosis_vs_m:
         pdf=res("figures/{model}/kurtosis_vs_m.pdf"),
     log:
         res("logs/figure_kurtosis_vs_m/{model}.log"),
+    benchmark:
+        res("benchmarks/figure_kurtosis_vs_m/{model}.tsv")
     conda:
         "../envs/superposition.yaml"
     params:
@@ -82,6 +88,8 @@ rule figure_p_across_models:
         pdf=figure("fig3_p_heatmaps_first_layer")["pdf"],
     log:
         res("logs/figure_p_across_models.log"),
+    benchmark:
+        res("benchmarks/figure_p_across_models.tsv")
     conda:
         "../envs/superposition.yaml"
     params:
@@ -106,6 +114,8 @@ rule figure_kde_across_models:
         pdf=figure("fig4_p_kde_first_layer")["pdf"],
     log:
         res("logs/figure_kde_across_models.log"),
+    benchmark:
+        res("benchmarks/figure_kde_across_models.tsv")
     conda:
         "../envs/superposition.yaml"
     params:
@@ -129,6 +139,8 @@ rule figure_kurtosis_vs_layer:
         pdf=figure("fig5_kurtosis_vs_layer")["pdf"],
     log:
         res("logs/figure_kurtosis_vs_layer.log"),
+    benchmark:
+        res("benchmarks/figure_kurtosis_vs_layer.tsv")
     conda:
         "../envs/superposition.yaml"
     params:
@@ -152,6 +164,8 @@ rule figure_angles:
         pdf=figure("fig6_angles_last_layer")["pdf"],
     log:
         res("logs/figure_angles.log"),
+    benchmark:
+        res("benchmarks/figure_angles.tsv")
     conda:
         "../envs/superposition.yaml"
     params:
@@ -178,6 +192,8 @@ rule figure_kurtosis_vs_size:
         code=rule_code_hash("figure_kurtosis_vs_size", "superposition.plots"),
     log:
         res("logs/figure_kurtosis_vs_size.log"),
+    benchmark:
+        res("benchmarks/figure_kurtosis_vs_size.tsv")
     conda:
         "../envs/superposition.yaml"
     script:

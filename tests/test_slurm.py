@@ -184,12 +184,22 @@ def test_tiny_workflow_through_slurm_matches_a_local_run(slurm_cluster, smollm2_
     local = subprocess.Popen(["timeout", "-k", "10", "300", *SNAKEMAKE, *matrix_targets(cfg_local), "--configfile",
                               str(cfg_local), "--cores", "1"], cwd=REPO, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
-    started = time.monotonic()
-    proc = run([*SNAKEMAKE, *matrix_targets(cfg_slurm), "--workflow-profile", profile, "--configfile", cfg_slurm],
-               300, env=LOCAL_ENV, check=False)
+    try:
+        started = time.monotonic()
+        proc = run([*SNAKEMAKE, *matrix_targets(cfg_slurm), "--workflow-profile", profile, "--configfile", cfg_slurm],
+                   300, env=LOCAL_ENV, check=False)
+        slurm_seconds = time.monotonic() - started
+        local_out, _ = local.communicate(timeout=320)
+    finally:
+        if local.poll() is None:  # SIGTERM: `timeout` passes it on to Snakemake
+            local.terminate()
+            try:
+                local.wait(30)
+            except subprocess.TimeoutExpired:
+                local.kill()
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"SLURM run failed:\n{text[-8000:]}"
-    slurm_seconds = time.monotonic() - started
+    assert local.returncode == 0, f"local run failed ({local.returncode}):\n{local_out[-5000:]}"
 
     # every job went through sbatch and finished there
     jobs = slurm_jobs(text)
@@ -209,8 +219,6 @@ def test_tiny_workflow_through_slurm_matches_a_local_run(slurm_cluster, smollm2_
         for fields in by_rule[rule]:
             assert fields["Partition"] == "cpu" and "gpu" not in fields.get("TresPerJob", ""), fields
 
-    local_out, _ = local.communicate()
-    assert local.returncode == 0, f"local run failed ({local.returncode}):\n{local_out[-5000:]}"
     for slurm_file, local_file in zip(matrix_targets(cfg_slurm), matrix_targets(cfg_local)):
         with h5py.File(slurm_file) as a, h5py.File(local_file) as b:
             np.testing.assert_allclose(a["P"][()], b["P"][()], rtol=0, atol=1e-6)

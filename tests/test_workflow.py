@@ -194,3 +194,54 @@ def test_every_figure_rule_wrote_a_decodable_png_and_a_pdf(tiny_run):
         assert png.with_suffix(".pdf").read_bytes()[:4] == b"%PDF"
     rows = (tmp / "results/summaries/tiny/layers.tsv").read_text().splitlines()
     assert len(rows) == 1 + 3 and rows[0].startswith("layer\tm\tn_values\tn_tokens\tP_excess_kurtosis")
+
+
+def dry_run_counts(tmp, cfg_path, **changes):
+    cfg = yaml.safe_load(cfg_path.read_text())
+    for key, value in changes.items():
+        cfg[key] = value
+    path = tmp / "changed.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return job_counts(snakemake("-n", "--configfile", str(path)).stdout)
+
+
+def test_adding_a_model_schedules_only_its_jobs(tiny_run):
+    tmp, cfg = tiny_run
+    models = yaml.safe_load(cfg.read_text())["models"]
+    models["tiny-copy"] = dict(models["tiny"])
+    counts = dry_run_counts(tmp, cfg, models=models)
+    per_model = {"model_snapshot": 1, "corpus_shards": 1, "activation_stats": 2, "covariance": 3, "whitening": 3,
+                 "keys": 1, "matrices": 3, "summaries": 1, "kurtosis_vs_m": 1, "figure_heatmaps": 1, "figure_kde": 1,
+                 "figure_kurtosis_vs_m": 1}
+    across_models = {"figure_p_across_models": 1, "figure_kde_across_models": 1, "figure_kurtosis_vs_layer": 1,
+                     "figure_angles": 1, "figure_kurtosis_vs_size": 1, "all": 1}
+    assert counts == {**per_model, **across_models}
+
+
+def test_changing_kde_grid_reruns_only_summaries_and_figures(tiny_run):
+    tmp, cfg = tiny_run
+    counts = dry_run_counts(tmp, cfg, summaries={"kde_grid": [-2.0, 2.0, 401], "m_values": [16, 32, 64, 128, 256]})
+    assert set(counts) <= {"summaries", "figure_kde", "figure_kde_across_models", "figure_angles",
+                           "figure_kurtosis_vs_layer", "figure_kurtosis_vs_size", "all"}
+    assert counts["summaries"] == 1 and "activation_stats" not in counts
+
+
+def test_changing_the_corpus_size_reruns_statistics_and_everything_after(tiny_run):
+    tmp, cfg = tiny_run
+    corpus = yaml.safe_load(cfg.read_text())["corpus"]
+    counts = dry_run_counts(tmp, cfg, corpus={**corpus, "n_documents": 30})
+    assert counts["corpus_shards"] == 1 and counts["activation_stats"] == 2
+    assert counts["covariance"] == counts["whitening"] == counts["matrices"] == 3
+    assert "model_snapshot" not in counts and "keys" not in counts
+
+
+def test_code_hashes_follow_the_code(tmp_path, monkeypatch):
+    """A rule's code param changes when its module's source does (Snakemake then reruns it)."""
+    from superposition.provenance import module_hash, rule_code_hash
+
+    (tmp_path / "probe_mod.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    before = module_hash("probe_mod")
+    (tmp_path / "probe_mod.py").write_text("X = 2\n")
+    assert module_hash("probe_mod") != before
+    assert rule_code_hash("covariance", "superposition.stats") != rule_code_hash("whitening", "superposition.stats")
