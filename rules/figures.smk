@@ -187,14 +187,14 @@ rule figure_kurtosis_vs_size:
             labels={"figure": "Kurtosis vs model size, by family"},
         ),
         pdf=figure("kurtosis_vs_size")["pdf"],
-    params:
-        dpi=config["plots"]["dpi"],
-        code=rule_code_hash("figure_kurtosis_vs_size", "superposition.plots"),
     log:
         res("logs/figure_kurtosis_vs_size.log"),
     benchmark:
         res("benchmarks/figure_kurtosis_vs_size.tsv")
     conda:
         "../envs/superposition.yaml"
+    params:
+        dpi=config["plots"]["dpi"],
+        code=rule_code_hash("figure_kurtosis_vs_size", "superposition.plots"),
     script:
         "../workflow/scripts/figure_kurtosis_vs_size.py"

@@ -141,7 +141,8 @@ def test_changing_a_downstream_parameter_does_not_rerun_statistics(tiny_run):
     (tmp / "changed.yaml").write_text(yaml.safe_dump(changed))
     out = snakemake("-n", "--configfile", str(tmp / "changed.yaml")).stdout
     counts = job_counts(out)
-    assert counts == {"matrices": 3, "all": 1}
+    assert counts["matrices"] == 3  # the top-pairs table is a matrices output; what reads them follows
+    assert not {"model_snapshot", "corpus_shards", "activation_stats", "covariance", "whitening", "keys"} & set(counts)
 
 
 def test_rome_export_matches_the_covariance(tiny_run):
