@@ -81,20 +81,46 @@ def test_profile_dry_run_resolves_partitions_and_scales_with_attempt():
 # ------------------------------------------------------------------------------------- local cluster
 
 
+LOCK_DIR = Path("/run/slurm-local")
+
+
 @pytest.fixture(scope="module")
 def slurm_cluster():
+    """The machine's one local cluster, shared by concurrent test sessions: the last one out stops it.
+
+    start.lock serialises starting and stopping; every session holds a shared lock on users.lock while it
+    uses the cluster, so a session that ends first leaves the cluster running for the others.
+    """
     if os.geteuid() != 0:
         pytest.skip("the local SLURM cluster needs root (it installs Debian packages and starts daemons)")
     if not shutil.which("slurmctld") and not shutil.which("apt-get"):
         pytest.skip("SLURM is not installed and apt-get is not available to install it")
-    proc = subprocess.run(["timeout", "-k", "10", "300", "bash", str(SCRIPTS / "start-local-slurm.sh")],
-                          capture_output=True, text=True)
-    if proc.returncode == 3:
-        pytest.skip(f"SLURM packages could not be installed: {proc.stderr[-1500:]}")
-    assert proc.returncode == 0, f"local SLURM cluster did not start ({proc.returncode}):\n{proc.stderr[-4000:]}"
-    yield
-    subprocess.run(["timeout", "-k", "10", "60", "bash", str(SCRIPTS / "stop-local-slurm.sh")],
-                   capture_output=True, text=True)
+    import fcntl
+
+    LOCK_DIR.mkdir(parents=True, exist_ok=True)
+    start_lock = open(LOCK_DIR / "start.lock", "w")
+    users_lock = open(LOCK_DIR / "users.lock", "w")
+    try:
+        fcntl.flock(start_lock, fcntl.LOCK_EX)
+        proc = subprocess.run(["timeout", "-k", "10", "300", "bash", str(SCRIPTS / "start-local-slurm.sh")],
+                              capture_output=True, text=True)
+        if proc.returncode == 3:
+            pytest.skip(f"SLURM packages could not be installed: {proc.stderr[-1500:]}")
+        assert proc.returncode == 0, f"local SLURM cluster did not start ({proc.returncode}):\n{proc.stderr[-4000:]}"
+        fcntl.flock(users_lock, fcntl.LOCK_SH)
+        fcntl.flock(start_lock, fcntl.LOCK_UN)
+        yield
+        fcntl.flock(start_lock, fcntl.LOCK_EX)
+        fcntl.flock(users_lock, fcntl.LOCK_UN)
+        try:
+            fcntl.flock(users_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return  # another session is still using the cluster
+        subprocess.run(["timeout", "-k", "10", "90", "bash", str(SCRIPTS / "stop-local-slurm.sh")],
+                       capture_output=True, text=True)
+    finally:
+        users_lock.close()
+        start_lock.close()
 
 
 def local_profile(dest: Path, logdir: Path) -> Path:

@@ -124,7 +124,9 @@ class GramAccumulator:
                 # keys.T is a Fortran-ordered (d_m, n) view: syrk(a) = a a^T = K^T K without a copy.
                 gram = self._syrk(1.0, keys.numpy().T, trans=0, lower=0)
                 self._finite.append(bool(np.isfinite(gram).all()))
-                self.sums[layer] += self._torch.from_numpy(gram)
+                # numpy's mixed float32 -> float64 in-place add is ~6x faster than torch's on the CPU;
+                # .numpy() shares the accumulator's memory.
+                np.add(self.sums[layer].numpy(), gram, out=self.sums[layer].numpy())
             else:
                 gram = keys.T @ keys
                 self._finite.append(self._torch.isfinite(gram).all())

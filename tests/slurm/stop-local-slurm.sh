@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Stops the daemons that start-local-slurm.sh started, by their pid files. Idempotent: a daemon that is
-# not running is skipped. --keep-munge leaves munged running (used for a restart).
+# Stops the daemons that start-local-slurm.sh started, by their pid files, after cancelling the test
+# cluster's remaining jobs. Idempotent: a daemon that is not running is skipped. --keep-munge leaves
+# munged running (used for a restart).
 set -uo pipefail
 
 RUN_DIR=/run/slurm-local
@@ -24,6 +25,19 @@ stop() {  # stop PIDFILE NAME
   fi
   rm -f "$pidfile"
 }
+
+# Jobs still on the test cluster are cancelled first: their slurmstepd would outlive slurmd otherwise.
+if [ -s "$RUN_DIR/slurmctld.pid" ] && command -v squeue >/dev/null 2>&1; then
+  jobs=$(timeout 10 squeue -h -o %i 2>/dev/null)
+  if [ -n "$jobs" ]; then
+    log "cancelling jobs: $(echo $jobs)"
+    timeout 10 scancel $jobs 2>/dev/null
+    for _ in $(seq 1 30); do
+      [ -z "$(timeout 10 squeue -h -t running,completing,configuring -o %i 2>/dev/null)" ] && break
+      sleep 0.5
+    done
+  fi
+fi
 
 stop "$RUN_DIR/slurmd.pid" slurmd
 stop "$RUN_DIR/slurmctld.pid" slurmctld
