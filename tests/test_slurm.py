@@ -225,6 +225,7 @@ def test_tiny_workflow_through_slurm_matches_a_local_run(slurm_cluster, smollm2_
                 local.kill()
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"SLURM run failed:\n{text[-8000:]}"
+    assert "Falling back to 'sacct'" not in text  # the states came from squeue
     assert local.returncode == 0, f"local run failed ({local.returncode}):\n{local_out[-5000:]}"
 
     # every job went through sbatch and finished there
