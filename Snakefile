@@ -11,6 +11,7 @@ include: "rules/matrices.smk"
 include: "rules/summaries.smk"
 include: "rules/figures.smk"
 include: "rules/export.smk"
+include: "rules/editing.smk"
 
 
 report: "report/workflow.rst"
@@ -28,3 +29,4 @@ rule all:
         figure("fig5_kurtosis_vs_layer")["png"],
         figure("fig6_angles_last_layer")["png"],
         figure("kurtosis_vs_size")["png"],
+        editing_figures(),

@@ -48,6 +48,9 @@ CODE = {
         "summaries", "superposition.summaries", "superposition.matrices"
     ),
     "kurtosis_vs_m": rule_code_hash("kurtosis_vs_m", "superposition.summaries"),
+    "editing": rule_code_hash(
+        "lifelong_edit", "superposition.editing", "superposition.keys"
+    ),
 }
 
 
@@ -160,3 +163,24 @@ def rome_module(model, layer):
             f"first or set models.{model}.model_type"
         )
     return family_for(model_type).module_name(layer)
+
+
+def editing_models():
+    """Models the lifelong-editing simulation runs on (editing.models; all models by default)."""
+    if not config["editing"].get("enabled", True):
+        return []
+    return config["editing"].get("models") or MODELS
+
+
+def edit_layer_of(model):
+    from superposition.pipeline import edit_layer
+
+    return edit_layer(layers_of(model), config["editing"].get("layer"))
+
+
+def editing_figures():
+    return [
+        res(f"figures/{m}/{kind}.layer-{edit_layer_of(m)}.png")
+        for m in editing_models()
+        for kind in ("editing_curves", "editing_interference")
+    ]

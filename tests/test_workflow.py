@@ -72,6 +72,13 @@ def test_layer_out_of_range_is_a_config_error(tmp_path):
     assert "layer(s) [25] out of range for model 'gemma3-270m', which has 18 layers" in proc.stdout + proc.stderr
 
 
+def test_edit_layer_out_of_range_is_a_config_error(tmp_path):
+    cfg = write_config(tmp_path, editing={"layer": 40})
+    out = snakemake("-n", "--configfile", str(cfg), check=False)
+    assert out.returncode != 0
+    assert re.search(r"editing.layer 40 is out of range for model '[\w.-]+': its analysed layers are 0..", out.stdout)
+
+
 def test_unknown_model_package_is_a_config_error(tmp_path):
     cfg = write_config(tmp_path, models={"x": {"source": "gguf_package", "package": "nope", "n_layers": 2}})
     proc = snakemake("-n", "--configfile", str(cfg), check=False)
@@ -105,6 +112,8 @@ def tiny_run(tmp_path_factory, smollm2_snapshot):
         corpus={"source": "wiki_offline", "n_documents": 24, "max_length": 48, "n_shards": 2},
         facts={"source": "file", "path": str(tmp / "facts.json"), "m": 4, "case_ids": [4, 0, 1, 2, 3]},
         stats={"checkpoint_every": 2, "max_tokens_per_batch": 256},
+        # every direction of the tiny model's C counts as null space, so the AlphaEdit-style run edits for real
+        editing={"n_edits": 2, "eval_every": 1, "value_steps": 5, "null_space_threshold": 1.0e6},
     )
     snakemake("--configfile", str(cfg), "--cores", "2")
     return tmp, cfg
@@ -132,6 +141,29 @@ def test_tiny_workflow_outputs_and_provenance(tiny_run):
     assert selection["selected"] == [4, 0, 1, 2] and "bypassed" in selection["mode"]
     top = (res / "matrices/tiny/layer-0.top_pairs.tsv").read_text().splitlines()
     assert top[0].startswith("rank\tp\t") and len(top) == 1 + 12
+
+
+def test_lifelong_editing_outputs(tiny_run):
+    from superposition.summaries import read_table
+
+    tmp, _ = tiny_run
+    res = tmp / "results/editing/tiny"
+    steps = read_table(res / "layer-1.steps.tsv")
+    assert [int(r["n_edits"]) for r in steps] == [0, 1, 2]
+    # the change of the layer's output on every key is what P predicts, to float64 round-off
+    assert all(float(r["closed_form_prediction_rel_error"]) < 1e-8 for r in steps)
+    assert float(steps[0]["closed_form_interference_max"]) == 0.0
+    assert all(float(r[f"{m}_interference_mean"]) > 0 for r in steps[1:] for m in ("closed_form", "null_space"))
+    facts = read_table(res / "layer-1.facts.tsv")
+    assert [r["role"] for r in facts] == ["edited", "edited", "retained", "retained", "retained"]
+    assert [int(r["case_id"]) for r in facts] == [4, 0, 1, 2, 3]  # the pool's order
+    assert all(r["target_new"] and r["target_new"] != r["target_true"] for r in facts[:2])
+    with h5py.File(res / "layer-1.h5") as f:
+        assert f.attrs["model"] == "tiny" and f.attrs["layer"] == 1 and f.attrs["null_space_dim"] == 48
+        assert f["closed_form/deltas"].shape == (2, 32) and f["closed_form/measured_dv"].dtype == np.float64
+        rel = np.linalg.norm(f["closed_form/predicted_dv"][()] - f["closed_form/measured_dv"][()]) \
+            / np.linalg.norm(f["closed_form/measured_dv"][()])
+        assert rel < 1e-8
 
 
 def test_changing_a_downstream_parameter_does_not_rerun_statistics(tiny_run):
@@ -186,6 +218,7 @@ def test_every_figure_rule_wrote_a_decodable_png_and_a_pdf(tiny_run):
     pngs = sorted(figures.rglob("*.png"))
     names = {p.relative_to(figures).as_posix() for p in pngs}
     assert names == {"tiny/p_heatmaps.png", "tiny/p_kde.png", "tiny/kurtosis_vs_m.png",
+                     "tiny/editing_curves.layer-1.png", "tiny/editing_interference.layer-1.png",
                      "fig3_p_heatmaps_first_layer.png", "fig4_p_kde_first_layer.png", "fig5_kurtosis_vs_layer.png",
                      "fig6_angles_last_layer.png", "kurtosis_vs_size.png"}
     for png in pngs:
@@ -213,7 +246,7 @@ def test_adding_a_model_schedules_only_its_jobs(tiny_run):
     counts = dry_run_counts(tmp, cfg, models=models)
     per_model = {"model_snapshot": 1, "corpus_shards": 1, "activation_stats": 2, "covariance": 3, "whitening": 3,
                  "keys": 1, "matrices": 3, "summaries": 1, "kurtosis_vs_m": 1, "figure_heatmaps": 1, "figure_kde": 1,
-                 "figure_kurtosis_vs_m": 1}
+                 "figure_kurtosis_vs_m": 1, "lifelong_edit": 1, "figure_editing": 1}
     across_models = {"figure_p_across_models": 1, "figure_kde_across_models": 1, "figure_kurtosis_vs_layer": 1,
                      "figure_angles": 1, "figure_kurtosis_vs_size": 1, "all": 1}
     assert counts == {**per_model, **across_models}

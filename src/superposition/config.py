@@ -89,5 +89,16 @@ def validate(config: dict[str, Any]) -> None:
     facts = config["facts"]
     if facts.get("case_ids") and len(facts["case_ids"]) < facts["m"]:
         raise ConfigError(f"facts.case_ids lists {len(facts['case_ids'])} facts but facts.m is {facts['m']}")
+    editing = config.get("editing") or {}
+    for name in editing.get("models") or []:
+        if name not in specs:
+            raise ConfigError(f"editing.models names {name!r}, which is not among the configured models "
+                              f"{', '.join(specs)}")
+    if editing.get("enabled", True) and editing.get("layer") is not None:
+        for name in editing.get("models") or specs:
+            layers = model_layers(config, name)
+            if editing["layer"] not in layers:
+                raise ConfigError(f"editing.layer {editing['layer']} is out of range for model {name!r}: its "
+                                  f"analysed layers are {layers[0]}..{layers[-1]} (the edit needs that layer's C)")
     if config["corpus"]["source"] == "local" and not config["corpus"].get("path"):
         raise ConfigError("corpus.source is 'local' but corpus.path is not set")

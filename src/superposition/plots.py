@@ -185,3 +185,45 @@ def kurtosis_vs_size(points: Sequence[tuple[str, str, float, float, float]], png
         ax.set_title(f"Kurtosis vs model size: {title}")
     axes.flat[0].legend(title="family", frameon=False, loc="best")
     save(fig, png, pdf, dpi)
+
+
+METHOD_STYLE = {"closed_form": ("closed form (ROME/MEMIT)", "tab:red"),
+                "null_space": ("null-space projected (AlphaEdit-style)", "tab:blue")}
+
+
+def editing_curves(n_edits: np.ndarray, series: dict[str, dict[str, np.ndarray]], title: str, png, pdf,
+                   dpi: int) -> None:
+    """Edit success and retention of unedited known facts vs the number of sequential edits, per method."""
+    fig, axes = plt.subplots(1, 2, figsize=(7.5, 3.0), sharex=True)
+    for method, values in series.items():
+        text, color = METHOD_STYLE.get(method, (method, None))
+        axes[0].plot(n_edits[1:], values["edit_success"][1:], "o-", ms=3, color=color, label=text)
+        axes[1].plot(n_edits, values["retention"], "o-", ms=3, color=color, label=text)
+    axes[0].set_ylabel("edit success (target_new is the argmax)")
+    axes[1].set_ylabel("retention (unedited facts still known)")
+    for ax in axes:
+        ax.set_xlabel("number of sequential edits")
+        ax.set_ylim(-0.03, 1.03)
+        ax.grid(alpha=0.3)
+    axes[1].legend(loc="lower left")
+    fig.suptitle(f"Lifelong editing: {title}")
+    save(fig, png, pdf, dpi)
+
+
+def interference_scatter(predicted: np.ndarray, logp_drop: np.ndarray, forgotten: np.ndarray, title: str, png, pdf,
+                         dpi: int) -> None:
+    """Predicted interference ||sum_i p(k_ei, k_j) delta_i|| vs the measured drop of log p(target_true)."""
+    from scipy.stats import spearmanr
+
+    rho = spearmanr(predicted, logp_drop).statistic if len(predicted) > 2 else float("nan")
+    fig, ax = plt.subplots(figsize=(4.8, 3.6))
+    ax.scatter(predicted[~forgotten], logp_drop[~forgotten], s=9, alpha=0.6, color="tab:gray", label="still known")
+    ax.scatter(predicted[forgotten], logp_drop[forgotten], s=12, alpha=0.8, color="tab:red", label="forgotten")
+    if (predicted > 0).all():
+        ax.set_xscale("log")
+    ax.axhline(0.0, color="black", lw=0.6)
+    ax.set_xlabel(r"predicted interference $\|\sum_i p(k_{e_i},k_j)\,\delta_i\|$")
+    ax.set_ylabel(r"drop of $\log p$(target_true)")
+    ax.legend(loc="upper left")
+    ax.set_title(f"{title}\nSpearman rho = {rho:.3f} (n = {len(predicted)} retained facts)")
+    save(fig, png, pdf, dpi)
