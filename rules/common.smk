@@ -58,7 +58,7 @@ wildcard_constraints:
     model="|".join(MODELS),
     layer=r"\d+",
     shard=r"\d+",
-    block=r"\d+",
+    block=r"\d+(-\d+)?(_\d+(-\d+)?)*",
 
 
 def res(path):
@@ -70,14 +70,23 @@ def layers_of(model):
     return sp_config.model_layers(config, model)
 
 
+def every_layer_of(model):
+    """All layers of the model, configured or not: keys are cheap and are kept for every layer, so adding
+    layers to the analysis never reruns the keys (nor, through them, the matrices of the other layers).
+    """
+    spec = sp_config.model_specs(config)[model]
+    return list(range(sp_config.n_layers_of(spec, RESULTS)))
+
+
 def blocks_of(model):
     return sp_config.layer_blocks(config, model)
 
 
 def block_of(model, layer):
-    for index, block in enumerate(blocks_of(model)):
+    """Name of the statistics block that holds ``layer`` (e.g. '0-29')."""
+    for block in blocks_of(model):
         if int(layer) in block:
-            return index
+            return sp_config.block_name(block)
     raise WorkflowError(
         f"layer {layer} is not among the configured layers of {model}: {layers_of(model)}"
     )

@@ -61,7 +61,7 @@ rule keys:
     resources:
         mem_mb=8000,
     params:
-        layers=lambda w: layers_of(w.model),
+        layers=lambda w: every_layer_of(w.model),
         facts=config["facts"],
         stats=config["stats"],
         code=CODE["keys"],

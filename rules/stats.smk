@@ -14,7 +14,7 @@ rule activation_stats:
     resources:
         mem_mb=16000,
     params:
-        layers=lambda w: blocks_of(w.model)[int(w.block)],
+        layers=lambda w: sp_config.block_layers(w.block),
         stats=config["stats"],
         checkpoint=lambda w: res(
             f"checkpoints/{w.model}/shard-{w.shard}.block-{w.block}.h5"

@@ -178,6 +178,21 @@ def test_layer_blocks():
     assert stats.layer_blocks(5, [4, 0, 1, 2, 3], 2) == [[0, 1], [2, 3], [4]]
 
 
+def test_block_names_and_plans_reuse_existing_statistics():
+    from superposition.config import block_layers, block_name, plan_blocks
+
+    for layers in ([0, 1, 2, 5, 7, 8], [3], list(range(40)), [0, 2, 4]):
+        assert block_layers(block_name(layers)) == layers
+    assert block_name([0, 1, 2, 5, 7, 8]) == "0-2_5_7-8"
+    assert plan_blocks([0, 1, 2, 3, 4], None) == [[0, 1, 2, 3, 4]]
+    assert plan_blocks([4, 0, 1, 2, 3], 2) == [[0, 1], [2, 3], [4]]
+    # a finished run on layers 0-1 that now asks for 0-4: the old block stays, the new layers get their own
+    assert plan_blocks([0, 1, 2, 3, 4], None, [[0, 1]]) == [[0, 1], [2, 3, 4]]
+    assert plan_blocks([0, 1, 2, 3, 4], 2, [[0, 1]]) == [[0, 1], [2, 3], [4]]
+    # fewer layers than before: the existing block still serves them; unrelated blocks are ignored
+    assert plan_blocks([1], None, [[0, 1, 2], [7]]) == [[0, 1, 2]]
+
+
 CRASH_SCRIPT = textwrap.dedent("""
     import sys, numpy as np
     sys.path.insert(0, {tests!r})

@@ -35,8 +35,9 @@ def job_counts(output: str) -> dict[str, int]:
     return counts
 
 
-def test_default_config_dry_run_lists_the_whole_dag():
-    out = snakemake("-n", "--forceall").stdout
+def test_default_config_dry_run_lists_the_whole_dag(tmp_path):
+    # a results directory of its own: the statistics blocks are planned from what exists on disk
+    out = snakemake("-n", "--forceall", "--config", f"results={tmp_path}/results").stdout
     counts = job_counts(out)
     # two models, 30 + 18 layers, 2 corpus shards, one stats job per shard and model
     assert counts["model_snapshot"] == 2
@@ -200,13 +201,14 @@ def test_lint_and_format():
     assert fmt.returncode == 0, fmt.stderr[-3000:]
 
 
-def test_paper_rebuild_dry_run_needs_no_network():
-    out = snakemake("-n", "--configfile", "config/paper.yaml", "--forceall").stdout
+def test_paper_rebuild_dry_run_needs_no_network(tmp_path):
+    out = snakemake("-n", "--configfile", "config/paper.yaml", "--forceall",
+                    "--config", f"results={tmp_path}/results/paper").stdout
     counts = job_counts(out)
     assert counts["model_snapshot"] == 11 and counts["keys"] == 11
     assert counts["matrices"] == 12 + 24 + 36 + 16 + 32 + 32 + 28 + 32 + 40 + 32 + 32
     # layer blocks: Llama-2-13B's 40 layers in blocks of 10 over 8 shards
-    assert "results/paper/stats/llama-2-13b/shard-7.block-3.h5" in out
+    assert f"{tmp_path}/results/paper/stats/llama-2-13b/shard-7.block-30-39.h5" in out
     assert "fact_predictions" not in counts  # explicit case_ids bypass the known-fact filter
 
 
@@ -250,6 +252,38 @@ def test_adding_a_model_schedules_only_its_jobs(tiny_run):
     across_models = {"figure_p_across_models": 1, "figure_kde_across_models": 1, "figure_kurtosis_vs_layer": 1,
                      "figure_angles": 1, "figure_kurtosis_vs_size": 1, "all": 1}
     assert counts == {**per_model, **across_models}
+
+
+def test_adding_layers_runs_statistics_only_for_them_and_leaves_the_other_layers_alone(tiny_run, tmp_path):
+    tiny_dir, _ = tiny_run
+    models = {"tiny": {"source": "local", "path": str(tiny_dir / "tiny"), "n_layers": 3, "params_millions": 1.6}}
+    common = dict(models=models, corpus={"source": "wiki_offline", "n_documents": 24, "max_length": 48, "n_shards": 2},
+                  facts={"source": "file", "path": str(tiny_dir / "facts.json"), "m": 4, "case_ids": [4, 0, 1, 2, 3]},
+                  stats={"checkpoint_every": 2, "max_tokens_per_batch": 256})
+    res = tmp_path / "results"
+    before = write_config(tmp_path, layers=[0, 1], **common)
+    # targets first: --configfile takes every argument after it
+    snakemake(*[f"{res}/matrices/tiny/layer-{l}.h5" for l in (0, 1)], "--cores", "2", "--configfile", str(before))
+    old = {p: p.stat().st_mtime_ns for p in res.glob("*/tiny/layer-*.h5")} | \
+        {p: p.stat().st_mtime_ns for p in res.glob("*/tiny.h5")}
+    assert sorted(p.name for p in res.glob("stats/tiny/*.h5")) == ["shard-0.block-0-1.h5", "shard-1.block-0-1.h5"]
+
+    cfg_after = tmp_path / "after.yaml"
+    cfg_after.write_text(yaml.safe_dump({**yaml.safe_load(before.read_text()), "layers": "all"}))
+    targets = [f"{res}/matrices/tiny/layer-{l}.h5" for l in (0, 1, 2)]
+    counts = job_counts(snakemake(*targets, "-n", "--configfile", str(cfg_after)).stdout)
+    # one statistics job per shard for the new layer only, then only that layer's chain; keys are kept for
+    # every layer of the model, so they do not rerun either
+    assert counts == {"activation_stats": 2, "covariance": 1, "whitening": 1, "matrices": 1}
+    snakemake(*targets, "--cores", "2", "--configfile", str(cfg_after))
+    assert sorted(p.name for p in res.glob("stats/tiny/*.h5")) == [
+        "shard-0.block-0-1.h5", "shard-0.block-2.h5", "shard-1.block-0-1.h5", "shard-1.block-2.h5"]
+    assert {p: p.stat().st_mtime_ns for p in old} == old  # nothing of layers 0 and 1 was rewritten
+    # the new layer's covariance is the one a single all-layer pass gives (the tiny run's)
+    with h5py.File(res / "covariance/tiny/layer-2.h5") as a, \
+            h5py.File(tiny_dir / "results/covariance/tiny/layer-2.h5") as b:
+        np.testing.assert_allclose(a["C"][()], b["C"][()], rtol=1e-12, atol=0)
+        assert a.attrs["n_tokens"] == b.attrs["n_tokens"]
 
 
 def test_changing_kde_grid_reruns_only_summaries_and_figures(tiny_run):

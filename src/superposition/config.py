@@ -69,13 +69,63 @@ def model_layers(config: dict[str, Any], name: str) -> list[int]:
     return sorted(set(int(x) for x in wanted))
 
 
+def block_name(layers: list[int]) -> str:
+    """A layer block's name in file names: its layers as ranges, e.g. [0, 1, 2, 5, 7, 8] -> '0-2_5_7-8'."""
+    layers = sorted(set(int(x) for x in layers))
+    parts, start = [], layers[0]
+    for prev, cur in zip(layers, layers[1:] + [None]):
+        if cur != prev + 1:
+            parts.append(f"{start}" if start == prev else f"{start}-{prev}")
+            start = cur
+    return "_".join(parts)
+
+
+def block_layers(name: str) -> list[int]:
+    """Inverse of ``block_name``."""
+    out: list[int] = []
+    for part in name.split("_"):
+        a, _, b = part.partition("-")
+        out.extend(range(int(a), int(b or a) + 1))
+    return out
+
+
+def existing_blocks(results: str | Path, name: str) -> list[list[int]]:
+    """Layer blocks whose statistics already exist on disk for model ``name`` (any shard)."""
+    import re
+
+    found = set()
+    for path in (Path(results) / "stats" / name).glob("shard-*.block-*.h5"):
+        hit = re.fullmatch(r"shard-\d+\.block-([\d_-]+)\.h5", path.name)
+        if hit:
+            found.add(hit.group(1))
+    return [block_layers(b) for b in sorted(found)]
+
+
+def plan_blocks(layers: list[int], size: int | None, existing: list[list[int]] = ()) -> list[list[int]]:
+    """Layer blocks of the statistics jobs.
+
+    Blocks whose statistics exist are reused for the layers they hold, so adding layers to a finished run only
+    runs statistics for the new layers and leaves every existing layer's covariance (and all after it) alone.
+    The remaining layers form new blocks: one for all of them, or chunks of ``size`` (large models).
+    """
+    wanted = sorted(set(layers))
+    blocks, covered = [], set()
+    for block in sorted(existing, key=lambda b: (-len(set(b) & set(wanted)), b)):
+        if set(block) & (set(wanted) - covered):
+            blocks.append(sorted(block))
+            covered |= set(block)
+    rest = [layer for layer in wanted if layer not in covered]
+    if rest:
+        step = size or len(rest)
+        blocks.extend(rest[i:i + step] for i in range(0, len(rest), step))
+    return sorted(blocks)
+
+
 def layer_blocks(config: dict[str, Any], name: str) -> list[list[int]]:
-    """Layer blocks of the statistics jobs: one job for all layers unless stats.layer_block_size says otherwise."""
+    """Layer blocks of one model's statistics jobs (see ``plan_blocks``)."""
     layers = model_layers(config, name)
     size = (config["models"][name] or {}).get("layer_block_size", config["stats"].get("layer_block_size"))
-    if not size:
-        return [layers]
-    return [layers[i:i + size] for i in range(0, len(layers), size)]
+    return plan_blocks(layers, size, existing_blocks(config.get("results", DEFAULT_RESULTS), name))
 
 
 def validate(config: dict[str, Any]) -> None:
