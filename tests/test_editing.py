@@ -120,7 +120,7 @@ def test_counterfactual_objects_are_deterministic_and_missing_ones_are_errors():
 def test_more_edits_than_known_facts_is_an_error(smollm2):
     _, tokenizer = smollm2
     facts = [Fact(i, "{} speaks", s, t, "P1") for i, (s, t) in enumerate([("A", "French"), ("B", "German")])]
-    with pytest.raises(editing.EditingError, match="n_edits is 3 but only 2 known facts"):
+    with pytest.raises(editing.EditingError, match="n_edits is 3 but only 2 known facts are available"):
         editing.plan_edits(facts, facts, 3, tokenizer)
     with pytest.raises(editing.EditingError, match="none is left to measure retention"):
         editing.plan_edits(facts, facts, 2, tokenizer)

@@ -202,14 +202,15 @@ def optimise_value(model, tokenizer, module, fact: Fact, target: str, *, steps: 
 
 @dataclass
 class EditConfig:
-    n_edits: int = 30
+    n_edits: int = 20
     eval_every: int = 5
-    value_steps: int = 25
+    value_steps: int = 20
     value_lr: float = 0.5
     weight_decay: float = 0.5
     clamp_norm_factor: float = 4.0
     early_stop_nll: float = 0.05
     null_space_threshold: float = 2e-2
+    retained: str = "selected"
     batch_size: int = 64
 
     @classmethod
@@ -233,6 +234,7 @@ class MethodRun:
     final_known: np.ndarray | None = None
     final_success: np.ndarray | None = None  # target_new is the argmax, per edit, after all edits
     key_mismatch: float = 0.0  # largest relative difference, key at edit time vs the pipeline's key
+    base_out_norm: np.ndarray | None = None  # ||W_0 k_j|| of every pool key (to scale interference)
 
 
 def _evaluate(model, tokenizer, edited: Sequence[Fact], retained: Sequence[Fact], batch_size: int):
@@ -259,6 +261,7 @@ def run_sequence(model, tokenizer, module, method: str, edit_facts: Sequence[Fac
     d_m = K_pool.shape[1]
     edited_moment = np.zeros((d_m, d_m))
     out = MethodRun(method)
+    out.base_out_norm = np.linalg.norm(W0 @ K_pool.T, axis=0)
     targets = [dataclasses.replace(f, target_true=f.target_new) for f in edit_facts]
     base_logp = None
     try:
@@ -320,8 +323,8 @@ def pool_p_matrix(K_pool: np.ndarray, cholesky: np.ndarray) -> np.ndarray:
 def plan_edits(pool_facts: Sequence[Fact], all_facts: Sequence[Fact], n_edits: int, tokenizer) -> tuple[list[Fact], list[int], list[int]]:
     """The first ``n_edits`` known facts become edits (with their counterfactual object); the rest are retained."""
     if n_edits > len(pool_facts):
-        raise EditingError(f"editing.n_edits is {n_edits} but only {len(pool_facts)} known facts are in the pool "
-                           f"(facts.pool_size and the known-fact filter): lower editing.n_edits")
+        raise EditingError(f"editing.n_edits is {n_edits} but only {len(pool_facts)} known facts are available "
+                           f"(facts.m, or facts.pool_size with editing.retained: pool): lower editing.n_edits")
     if n_edits == len(pool_facts):
         raise EditingError(f"editing.n_edits ({n_edits}) uses every known fact, so none is left to measure "
                            f"retention on: lower editing.n_edits")

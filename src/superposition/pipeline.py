@@ -481,7 +481,10 @@ def lifelong_edit(model_json: str, keys_path: str, whitening_path: str, covarian
 
     model, tokenizer = models.load(manifest, stats_cfg.get("device", "auto"), "float32")
     module = models.key_module(model, layer)
-    edits, edit_rows, retained_rows = editing.plan_edits(pool_facts, all_facts, cfg.n_edits, tokenizer)
+    # retention is measured on the other selected facts (those in the matrices) or on every known fact of the pool
+    candidates = pool_facts[: len(selection["selected"])] if edit_cfg.get("retained", "selected") == "selected" \
+        else pool_facts
+    edits, edit_rows, retained_rows = editing.plan_edits(candidates, all_facts, cfg.n_edits, tokenizer)
     retained = [pool_facts[i] for i in retained_rows]
     P_pool = editing.pool_p_matrix(K_pool, w.cholesky)
     projector, null_dim, eigenvalues = editing.null_space_projector(C + w.ridge * np.eye(d_m), cfg.null_space_threshold)
@@ -527,6 +530,7 @@ def lifelong_edit(model_json: str, keys_path: str, whitening_path: str, covarian
         fact_rows.append({"case_id": fact.case_id, "role": "retained", "subject": fact.subject, "prompt": fact.text,
                           "target_true": fact.target_true,
                           "closed_form_predicted_interference": float(predicted_norm[row]),
+                          "closed_form_relative_interference": float(predicted_norm[row] / cf.base_out_norm[row]),
                           "closed_form_measured_interference": float(np.linalg.norm(cf.final_dv[:, row])),
                           "closed_form_logp_drop": float(cf.base_logp[j] - cf.final_logp[j]),
                           "closed_form_forgotten": int(not cf.final_known[j]),
@@ -535,7 +539,8 @@ def lifelong_edit(model_json: str, keys_path: str, whitening_path: str, covarian
                           "null_space_forgotten": int(not ns.final_known[j])})
     fact_columns = ["case_id", "role", "edit_order", "subject", "prompt", "target_true", "target_new", "value_steps",
                     "value_nll", "delta_norm", "closed_form_success", "null_space_success",
-                    "closed_form_predicted_interference", "closed_form_measured_interference",
+                    "closed_form_predicted_interference", "closed_form_relative_interference",
+                    "closed_form_measured_interference",
                     "closed_form_logp_drop", "closed_form_forgotten", "null_space_measured_interference",
                     "null_space_logp_drop", "null_space_forgotten"]
     write_table(out_facts, fact_rows, fact_columns)
@@ -579,7 +584,7 @@ def figure_editing(model_json: str, steps_tsv: str, facts_tsv: str, layer: int, 
                                          for r in steps]) for key in ("edit_success", "retention")}
     plots.editing_curves(n, series, f"{label}, layer {layer}", curves_png, curves_pdf, dpi)
     retained = [r for r in read_table(facts_tsv) if r["role"] == "retained"]
-    plots.interference_scatter(np.array([float(r["closed_form_predicted_interference"]) for r in retained]),
+    plots.interference_scatter(np.array([float(r["closed_form_relative_interference"]) for r in retained]),
                                np.array([float(r["closed_form_logp_drop"]) for r in retained]),
                                np.array([r["closed_form_forgotten"] == "1" for r in retained]),
                                f"{label}, layer {layer}, {int(n[-1])} edits", scatter_png, scatter_pdf, dpi)

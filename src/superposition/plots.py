@@ -212,7 +212,8 @@ def editing_curves(n_edits: np.ndarray, series: dict[str, dict[str, np.ndarray]]
 
 def interference_scatter(predicted: np.ndarray, logp_drop: np.ndarray, forgotten: np.ndarray, title: str, png, pdf,
                          dpi: int) -> None:
-    """Predicted interference ||sum_i p(k_ei, k_j) delta_i|| vs the measured drop of log p(target_true)."""
+    """Predicted interference ||sum_i p(k_ei, k_j) delta_i||, relative to the key's unedited output ||W_0 k_j||,
+    vs the measured drop of log p(target_true)."""
     from scipy.stats import spearmanr
 
     rho = spearmanr(predicted, logp_drop).statistic if len(predicted) > 2 else float("nan")
@@ -221,8 +222,9 @@ def interference_scatter(predicted: np.ndarray, logp_drop: np.ndarray, forgotten
     ax.scatter(predicted[forgotten], logp_drop[forgotten], s=12, alpha=0.8, color="tab:red", label="forgotten")
     if (predicted > 0).all():
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels collide on short ranges
     ax.axhline(0.0, color="black", lw=0.6)
-    ax.set_xlabel(r"predicted interference $\|\sum_i p(k_{e_i},k_j)\,\delta_i\|$")
+    ax.set_xlabel(r"predicted interference $\|\sum_i p(k_{e_i},k_j)\,\delta_i\| \,/\, \|W_0 k_j\|$")
     ax.set_ylabel(r"drop of $\log p$(target_true)")
     ax.legend(loc="upper left")
     ax.set_title(f"{title}\nSpearman rho = {rho:.3f} (n = {len(predicted)} retained facts)")
