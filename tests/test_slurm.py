@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 PROFILE = REPO / "profiles" / "slurm"
 SCRIPTS = Path(__file__).resolve().parent / "slurm"
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
-GPU_RULES = ["activation_stats", "keys", "fact_predictions", "model_snapshot"]
+GPU_RULES = ["activation_stats", "keys", "fact_predictions", "model_snapshot", "lifelong_edit"]
 # The local cluster's partitions (tests/slurm/start-local-slurm.sh).
 LOCAL_ENV = {
     "SUPERPOSITION_SLURM_ACCOUNT": "",  # no accounting database: no account
@@ -269,3 +269,22 @@ def test_unknown_partition_is_reported_with_the_rule_name(slurm_cluster, tmp_pat
     calls = re.findall(r"sbatch --parsable .*", text)
     assert len(calls) == 2 and "--gpus=1" in calls[0]
     assert "--mem 1500" in calls[0] and "-t 10 " in calls[0] and "--mem 3000" in calls[1] and "-t 20 " in calls[1]
+
+
+def test_a_failing_job_is_retried_with_more_memory_and_then_names_its_log(slurm_cluster, tmp_path):
+    """The job is submitted and runs on the node (valid partitions) but fails: the local model does not exist."""
+    cfg = write_config(tmp_path, models={"tiny": {"source": "local", "path": str(tmp_path / "nothing"),
+                                                  "n_layers": 3}})
+    profile = local_profile(tmp_path / "profile", tmp_path / "slurm_logs")
+    results = yaml.safe_load(cfg.read_text())["results"]
+    proc = run([*SNAKEMAKE, f"{results}/models/tiny/model.json", "--workflow-profile", profile, "--configfile", cfg],
+               300, env=LOCAL_ENV, check=False)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    calls = re.findall(r"sbatch --parsable .*", text)
+    assert len(calls) == 2, text[-5000:]  # the first attempt and one retry
+    assert "--mem 1500" in calls[0] and "--mem 3000" in calls[1] and "-t 20 " in calls[1]
+    assert "Error in rule model_snapshot" in text
+    log = f"{results}/logs/model_snapshot/tiny.log"
+    assert log in text, text[-5000:]  # the error names the rule's log ...
+    assert "has no config.json" in Path(log).read_text()  # ... which says what went wrong

@@ -214,10 +214,14 @@ def interference_scatter(predicted: np.ndarray, logp_drop: np.ndarray, forgotten
                          dpi: int) -> None:
     """Predicted interference ||sum_i p(k_ei, k_j) delta_i||, relative to the key's unedited output ||W_0 k_j||,
     vs the measured drop of log p(target_true)."""
-    from scipy.stats import spearmanr
+    from scipy.stats import mannwhitneyu, spearmanr
 
     rho = spearmanr(predicted, logp_drop).statistic if len(predicted) > 2 else float("nan")
-    fig, ax = plt.subplots(figsize=(4.8, 3.6))
+    # how well the interference alone separates forgotten from still-known facts (ROC AUC = U / (n1 n0))
+    n_lost, n_kept = int(forgotten.sum()), int((~forgotten).sum())
+    auc = mannwhitneyu(predicted[forgotten], predicted[~forgotten]).statistic / (n_lost * n_kept) \
+        if n_lost and n_kept else float("nan")
+    fig, ax = plt.subplots(figsize=(5.6, 3.9))
     ax.scatter(predicted[~forgotten], logp_drop[~forgotten], s=9, alpha=0.6, color="tab:gray", label="still known")
     ax.scatter(predicted[forgotten], logp_drop[forgotten], s=12, alpha=0.8, color="tab:red", label="forgotten")
     if (predicted > 0).all():
@@ -227,5 +231,5 @@ def interference_scatter(predicted: np.ndarray, logp_drop: np.ndarray, forgotten
     ax.set_xlabel(r"predicted interference $\|\sum_i p(k_{e_i},k_j)\,\delta_i\| \,/\, \|W_0 k_j\|$")
     ax.set_ylabel(r"drop of $\log p$(target_true)")
     ax.legend(loc="upper left")
-    ax.set_title(f"{title}\nSpearman rho = {rho:.3f} (n = {len(predicted)} retained facts)")
+    ax.set_title(f"{title}\nSpearman ρ = {rho:.2f} (n = {len(predicted)}), AUC forgotten vs kept = {auc:.2f}")
     save(fig, png, pdf, dpi)
