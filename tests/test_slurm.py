@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import yaml
 
-from test_workflow import write_config
+from test_workflow import make_tiny_model, tiny_settings, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILE = REPO / "profiles" / "slurm"
@@ -155,34 +155,10 @@ def local_profile(dest: Path, logdir: Path) -> Path:
 
 def tiny_setup(tmp: Path, snapshot_path: str, results: str = "results") -> Path:
     """The tiny random Llama, facts and config of test_workflow.tiny_run."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    if not (tmp / "tiny").is_dir():
-        torch.manual_seed(0)
-        tokenizer = AutoTokenizer.from_pretrained(snapshot_path)
-        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-        LlamaForCausalLM(config).save_pretrained(tmp / "tiny")
-        tokenizer.save_pretrained(tmp / "tiny")
-        facts = [{"case_id": i, "requested_rewrite": {"prompt": p, "subject": s, "relation_id": "P",
-                                                      "target_true": {"str": t}}}
-                 for i, (p, s, t) in enumerate([("The capital of {} is", "France", "Paris"),
-                                                ("{} is located in", "France", "Europe"),
-                                                ("{} was developed by", "Windows 8.1", "Microsoft"),
-                                                ("{} was developed by", "Mac OS X 10.1", "Apple"),
-                                                ("The capital of {} is", "Japan", "Tokyo")])]
-        (tmp / "facts.json").write_text(json.dumps(facts))
+    make_tiny_model(tmp, snapshot_path)
     run_dir = tmp / results
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg = write_config(
-        run_dir,
-        models={"tiny": {"source": "local", "path": str(tmp / "tiny"), "n_layers": 3, "params_millions": 1.6}},
-        corpus={"source": "wiki_offline", "n_documents": 24, "max_length": 48, "n_shards": 2},
-        facts={"source": "file", "path": str(tmp / "facts.json"), "m": 4, "case_ids": [4, 0, 1, 2, 3]},
-        stats={"checkpoint_every": 2, "max_tokens_per_batch": 256},
-    )
-    return cfg
+    return write_config(run_dir, **tiny_settings(tmp))
 
 
 def matrix_targets(cfg: Path) -> list[str]:
@@ -281,9 +257,12 @@ def test_a_failing_job_is_retried_with_more_memory_and_then_names_its_log(slurm_
                300, env=LOCAL_ENV, check=False)
     text = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    calls = re.findall(r"sbatch --parsable .*", text)
-    assert len(calls) == 2, text[-5000:]  # the first attempt and one retry
-    assert "--mem 1500" in calls[0] and "--mem 3000" in calls[1] and "-t 20 " in calls[1]
+    jobids = re.findall(r"has been submitted with SLURM jobid (\d+)", text)
+    assert len(jobids) == 2 and "Trying to restart job" in text, text[-5000:]  # the first attempt and one retry
+    sizes = re.findall(r"resources: .*?mem_mb=(\d+).*?runtime=(\d+)", text)
+    assert ("1500", "10") in sizes and ("3000", "20") in sizes, sizes  # attempt 2 asks for twice memory and time
+    slurm_log = f"slurm_logs/rule_model_snapshot/tiny/{jobids[-1]}.log"
+    assert slurm_log in text  # the last error names the SLURM log of the last attempt ...
     assert "Error in rule model_snapshot" in text
     log = f"{results}/logs/model_snapshot/tiny.log"
     assert log in text, text[-5000:]  # the error names the rule's log ...

@@ -87,15 +87,15 @@ def test_unknown_model_package_is_a_config_error(tmp_path):
     assert "models.x.package is 'nope'" in proc.stdout + proc.stderr
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, smollm2_snapshot):
-    """A real run of the whole workflow on a tiny random Llama with SmolLM2's tokenizer."""
+def make_tiny_model(tmp: Path, tokenizer_path: str) -> None:
+    """A tiny random Llama with SmolLM2's tokenizer in tmp/tiny and five facts in tmp/facts.json (once)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tmp = tmp_path_factory.mktemp("tiny_run")
+    if (tmp / "tiny").is_dir():
+        return
     torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_snapshot["path"])
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=3,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     LlamaForCausalLM(config).save_pretrained(tmp / "tiny")
@@ -107,12 +107,26 @@ def tiny_run(tmp_path_factory, smollm2_snapshot):
                                             ("{} was developed by", "Mac OS X 10.1", "Apple"),
                                             ("The capital of {} is", "Japan", "Tokyo")])]
     (tmp / "facts.json").write_text(json.dumps(facts))
-    cfg = write_config(
-        tmp,
+
+
+def tiny_settings(tmp: Path) -> dict:
+    """Config sections of a small but complete run on the tiny model of ``make_tiny_model``."""
+    return dict(
         models={"tiny": {"source": "local", "path": str(tmp / "tiny"), "n_layers": 3, "params_millions": 1.6}},
         corpus={"source": "wiki_offline", "n_documents": 24, "max_length": 48, "n_shards": 2},
         facts={"source": "file", "path": str(tmp / "facts.json"), "m": 4, "case_ids": [4, 0, 1, 2, 3]},
         stats={"checkpoint_every": 2, "max_tokens_per_batch": 256},
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, smollm2_snapshot):
+    """A real run of the whole workflow on a tiny random Llama with SmolLM2's tokenizer."""
+    tmp = tmp_path_factory.mktemp("tiny_run")
+    make_tiny_model(tmp, smollm2_snapshot["path"])
+    cfg = write_config(
+        tmp,
+        **tiny_settings(tmp),
         # every direction of the tiny model's C counts as null space, so the AlphaEdit-style run edits for real
         editing={"n_edits": 2, "eval_every": 1, "value_steps": 5, "null_space_threshold": 1.0e6},
     )
@@ -257,12 +271,8 @@ def test_adding_a_model_schedules_only_its_jobs(tiny_run):
 
 def test_adding_layers_runs_statistics_only_for_them_and_leaves_the_other_layers_alone(tiny_run, tmp_path):
     tiny_dir, _ = tiny_run
-    models = {"tiny": {"source": "local", "path": str(tiny_dir / "tiny"), "n_layers": 3, "params_millions": 1.6}}
-    common = dict(models=models, corpus={"source": "wiki_offline", "n_documents": 24, "max_length": 48, "n_shards": 2},
-                  facts={"source": "file", "path": str(tiny_dir / "facts.json"), "m": 4, "case_ids": [4, 0, 1, 2, 3]},
-                  stats={"checkpoint_every": 2, "max_tokens_per_batch": 256})
     res = tmp_path / "results"
-    before = write_config(tmp_path, layers=[0, 1], **common)
+    before = write_config(tmp_path, layers=[0, 1], **tiny_settings(tiny_dir))
     # targets first: --configfile takes every argument after it
     snakemake(*[f"{res}/matrices/tiny/layer-{l}.h5" for l in (0, 1)], "--cores", "2", "--configfile", str(before))
     old = {p: p.stat().st_mtime_ns for p in res.glob("*/tiny/layer-*.h5")} | \
