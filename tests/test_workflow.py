@@ -128,7 +128,8 @@ def tiny_run(tmp_path_factory, smollm2_snapshot):
         tmp,
         **tiny_settings(tmp),
         # every direction of the tiny model's C counts as null space, so the AlphaEdit-style run edits for real
-        editing={"n_edits": 2, "eval_every": 1, "value_steps": 5, "null_space_threshold": 1.0e6},
+        editing={"n_edits": 2, "eval_every": 1, "value_steps": 5, "null_space_threshold": 1.0e6,
+                 "save_weights": True},
     )
     snakemake("--configfile", str(cfg), "--cores", "2")
     return tmp, cfg
@@ -180,6 +181,11 @@ def test_lifelong_editing_outputs(tiny_run):
         rel = np.linalg.norm(f["closed_form/predicted_dv"][()] - f["closed_form/measured_dv"][()]) \
             / np.linalg.norm(f["closed_form/measured_dv"][()])
         assert rel < 1e-8
+        # the saved weight change of the edited layer reproduces the measured output change on every key
+        keys = h5py.File(tmp / "results/keys/tiny.h5")["keys"][:, 1, :].astype(np.float64)
+        for method in ("closed_form", "null_space"):
+            np.testing.assert_allclose(f[method]["weight_change"][()] @ keys.T, f[method]["measured_dv"][()],
+                                       rtol=1e-10, atol=1e-12)
 
 
 def test_changing_a_downstream_parameter_does_not_rerun_statistics(tiny_run):

@@ -211,6 +211,7 @@ class EditConfig:
     early_stop_nll: float = 0.05
     null_space_threshold: float = 2e-2
     retained: str = "selected"
+    save_weights: bool = False
     batch_size: int = 64
 
     @classmethod
@@ -235,6 +236,7 @@ class MethodRun:
     final_success: np.ndarray | None = None  # target_new is the argmax, per edit, after all edits
     key_mismatch: float = 0.0  # largest relative difference, key at edit time vs the pipeline's key
     base_out_norm: np.ndarray | None = None  # ||W_0 k_j|| of every pool key (to scale interference)
+    weight_change: np.ndarray | None = None  # W_n - W_0 (d_out, d_m) float64 after the whole sequence
 
 
 def _evaluate(model, tokenizer, edited: Sequence[Fact], retained: Sequence[Fact], batch_size: int):
@@ -309,6 +311,7 @@ def run_sequence(model, tokenizer, module, method: str, edit_facts: Sequence[Fac
             log(f"{method}: {n:4d} edits  success {row['edit_success']:.3f}  retention {row['retention']:.3f}  "
                 f"mean interference {row['interference_mean']:.4g}"
                 + (f"  |pred-meas|/|meas| {row['prediction_rel_error']:.2e}" if method == "closed_form" else ""))
+        out.weight_change = W - W0
     finally:
         set_weight_matrix(module, W0)  # the next method starts from the unedited model
     out.base_logp = base_logp  # type: ignore[attr-defined]

@@ -559,6 +559,8 @@ def lifelong_edit(model_json: str, keys_path: str, whitening_path: str, covarian
                 g = f.create_group(method)
                 g.create_dataset("deltas", data=np.asarray(run.deltas))  # (n_edits, d_out) float64
                 g.create_dataset("measured_dv", data=run.final_dv)  # (d_out, n_pool): (W_n - W_0) K
+                if cfg.save_weights:  # the edited layer is W_0 + weight_change (W_0: the snapshot's weights)
+                    g.create_dataset("weight_change", data=run.weight_change, compression="gzip")
             f["closed_form"].create_dataset("predicted_dv", data=cf.final_predicted)
             set_attrs(f, record)
     print(f"{name} layer {layer}: " + ", ".join(f"{k} {v:.2f}" for k, v in timing.items()))
