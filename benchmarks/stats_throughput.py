@@ -94,7 +94,8 @@ def run_mode(args) -> dict:
 
 
 def forward_and_gram_flops(model, manifest, docs, padded) -> float:
-    """Useful FLOPs of (a): block matmuls over real tokens, attention scores and values, and the Gram (syrk: d^2 n)."""
+    """Useful FLOPs of (a): block matmuls over real tokens, attention scores and values, and the Gram counted as
+    d^2 n (a symmetric product; the GEMM we run does twice that, so this fraction of peak is conservative)."""
     from superposition import models
 
     block_params = sum(p.numel() for p in models.blocks(model).parameters() if p.dim() == 2)
