@@ -182,9 +182,7 @@ def editing_models():
 
 
 def edit_layer_of(model):
-    from superposition.pipeline import edit_layer
-
-    return edit_layer(layers_of(model), config["editing"].get("layer"))
+    return sp_config.edit_layer(config, model)
 
 
 def editing_figures():

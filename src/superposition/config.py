@@ -128,6 +128,18 @@ def layer_blocks(config: dict[str, Any], name: str) -> list[list[int]]:
     return plan_blocks(layers, size, existing_blocks(config.get("results", DEFAULT_RESULTS), name))
 
 
+def edit_layer(config: dict[str, Any], name: str) -> int:
+    """The layer the editing simulation edits in model ``name``: editing.layer, or the middle analysed layer."""
+    layers = model_layers(config, name)
+    requested = (config.get("editing") or {}).get("layer")
+    if requested is None:
+        return layers[len(layers) // 2]
+    if requested not in layers:
+        raise ConfigError(f"editing.layer {requested} is out of range for model {name!r}: its analysed layers are "
+                          f"{layers[0]}..{layers[-1]} (the edit needs that layer's C)")
+    return int(requested)
+
+
 def validate(config: dict[str, Any]) -> None:
     """Semantic checks after the JSON schema: every model resolvable, its layers in range, m sensible."""
     try:
@@ -144,11 +156,8 @@ def validate(config: dict[str, Any]) -> None:
         if name not in specs:
             raise ConfigError(f"editing.models names {name!r}, which is not among the configured models "
                               f"{', '.join(specs)}")
-    if editing.get("enabled", True) and editing.get("layer") is not None:
+    if editing.get("enabled", True):
         for name in editing.get("models") or specs:
-            layers = model_layers(config, name)
-            if editing["layer"] not in layers:
-                raise ConfigError(f"editing.layer {editing['layer']} is out of range for model {name!r}: its "
-                                  f"analysed layers are {layers[0]}..{layers[-1]} (the edit needs that layer's C)")
+            edit_layer(config, name)
     if config["corpus"]["source"] == "local" and not config["corpus"].get("path"):
         raise ConfigError("corpus.source is 'local' but corpus.path is not set")

@@ -27,7 +27,7 @@ import scipy.linalg
 
 from .facts import Fact, FactError
 from .keys import run_prompts, subject_last_index, target_first_token
-from .matrices import p_matrix
+from .matrices import gram_whitened, p_matrix
 
 METHODS = ("closed_form", "null_space")
 
@@ -67,11 +67,6 @@ def null_space_update(delta: np.ndarray, key: np.ndarray, projector: np.ndarray,
     lhs = projector @ (edited_moment + np.outer(key, key)) + np.eye(d)
     x = np.linalg.solve(lhs, projector @ key)
     return np.outer(np.asarray(delta, dtype=np.float64), x)
-
-
-def whitened_gram(K: np.ndarray, cholesky: np.ndarray) -> np.ndarray:
-    Y = scipy.linalg.solve_triangular(cholesky, np.asarray(K, dtype=np.float64).T, lower=True)
-    return Y.T @ Y
 
 
 def predicted_interference(P_rows: np.ndarray, deltas: np.ndarray) -> np.ndarray:
@@ -231,6 +226,7 @@ class MethodRun:
     eval_seconds: list[float] = field(default_factory=list)
     final_dv: np.ndarray | None = None  # (d_out, n_pool) measured (W_n - W_0) K
     final_predicted: np.ndarray | None = None  # closed form only
+    base_logp: np.ndarray | None = None  # log p(target_true) of every retained fact before any edit
     final_logp: np.ndarray | None = None  # log p(target_true) of every retained fact after all edits
     final_known: np.ndarray | None = None
     final_success: np.ndarray | None = None  # target_new is the argmax, per edit, after all edits
@@ -265,7 +261,6 @@ def run_sequence(model, tokenizer, module, method: str, edit_facts: Sequence[Fac
     out = MethodRun(method)
     out.base_out_norm = np.linalg.norm(W0 @ K_pool.T, axis=0)
     targets = [dataclasses.replace(f, target_true=f.target_new) for f in edit_facts]
-    base_logp = None
     try:
         for n in range(len(edit_facts) + 1):
             if n > 0:
@@ -293,13 +288,13 @@ def run_sequence(model, tokenizer, module, method: str, edit_facts: Sequence[Fac
             start = time.perf_counter()
             success, known, logp = _evaluate(model, tokenizer, targets[:n], retained, cfg.batch_size)
             out.eval_seconds.append(time.perf_counter() - start)
-            if base_logp is None:
-                base_logp = logp
+            if out.base_logp is None:
+                out.base_logp = logp
             dv = (W - W0) @ K_pool.T  # measured change of the layer's output on every key, float64
             interference = np.linalg.norm(dv[:, retained_rows], axis=0)
             row = {"n_edits": n, "edit_success": float(success.mean()) if n else math.nan,
                    "retention": float(known.mean()), "target_true_prob": float(np.exp(logp).mean()),
-                   "logp_drop_mean": float((base_logp - logp).mean()),
+                   "logp_drop_mean": float((out.base_logp - logp).mean()),
                    "interference_mean": float(interference.mean()), "interference_max": float(interference.max())}
             if method == "closed_form":
                 predicted = predicted_interference(P_pool[list(edit_rows[:n])], np.asarray(out.deltas).reshape(n, -1)) \
@@ -314,13 +309,12 @@ def run_sequence(model, tokenizer, module, method: str, edit_facts: Sequence[Fac
         out.weight_change = W - W0
     finally:
         set_weight_matrix(module, W0)  # the next method starts from the unedited model
-    out.base_logp = base_logp  # type: ignore[attr-defined]
     return out
 
 
 def pool_p_matrix(K_pool: np.ndarray, cholesky: np.ndarray) -> np.ndarray:
     """P over all pool keys, by the same definition as the matrices stage (``G / diag(G)`` row-wise)."""
-    return p_matrix(whitened_gram(K_pool, cholesky))
+    return p_matrix(gram_whitened(K_pool, cholesky))
 
 
 def plan_edits(pool_facts: Sequence[Fact], all_facts: Sequence[Fact], n_edits: int, tokenizer) -> tuple[list[Fact], list[int], list[int]]:

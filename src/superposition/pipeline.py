@@ -7,6 +7,7 @@ tests can run every stage without Snakemake.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -444,17 +445,6 @@ EDIT_STEP_FIELDS = ["edit_success", "retention", "target_true_prob", "logp_drop_
                     "interference_max"]
 
 
-def edit_layer(layers: Sequence[int], requested: int | None) -> int:
-    """The edited layer: the configured one, or the middle of the analysed layers."""
-    layers = sorted(layers)
-    if requested is None:
-        return layers[len(layers) // 2]
-    if requested not in layers:
-        raise ValueError(f"editing.layer {requested} is not among the analysed layers {layers[0]}..{layers[-1]} "
-                         f"(its C and keys are needed)")
-    return int(requested)
-
-
 def lifelong_edit(model_json: str, keys_path: str, whitening_path: str, covariance_path: str, selection_path: str,
                   facts_cfg: dict[str, Any], stats_cfg: dict[str, Any], edit_cfg: dict[str, Any], layer: int,
                   out_steps: str, out_facts: str, out_h5: str) -> None:
@@ -482,8 +472,7 @@ def lifelong_edit(model_json: str, keys_path: str, whitening_path: str, covarian
     model, tokenizer = models.load(manifest, stats_cfg.get("device", "auto"), "float32")
     module = models.key_module(model, layer)
     # retention is measured on the other selected facts (those in the matrices) or on every known fact of the pool
-    candidates = pool_facts[: len(selection["selected"])] if edit_cfg.get("retained", "selected") == "selected" \
-        else pool_facts
+    candidates = pool_facts[: len(selection["selected"])] if cfg.retained == "selected" else pool_facts
     edits, edit_rows, retained_rows = editing.plan_edits(candidates, all_facts, cfg.n_edits, tokenizer)
     retained = [pool_facts[i] for i in retained_rows]
     P_pool = editing.pool_p_matrix(K_pool, w.cholesky)
@@ -549,7 +538,7 @@ def lifelong_edit(model_json: str, keys_path: str, whitening_path: str, covarian
     timing.update({f"{m}_seconds_per_evaluation": float(np.mean(r.eval_seconds)) for m, r in runs.items()})
     record = {**models.provenance_of(manifest), **environment(), "layer": layer, "ridge": w.ridge,
               "corpus_fingerprint": w_attrs["corpus_fingerprint"], "n_tokens": w_attrs["n_tokens"],
-              "facts": selection["facts"], "null_space_dim": null_dim, "editing": dataclasses_asdict(cfg),
+              "facts": selection["facts"], "null_space_dim": null_dim, "editing": dataclasses.asdict(cfg),
               "key_mismatch_max": max(r.key_mismatch for r in runs.values()), **timing}
     with atomic_path(out_h5) as tmp:
         with h5py.File(tmp, "w") as f:
@@ -566,22 +555,17 @@ def lifelong_edit(model_json: str, keys_path: str, whitening_path: str, covarian
     print(f"{name} layer {layer}: " + ", ".join(f"{k} {v:.2f}" for k, v in timing.items()))
 
 
-def dataclasses_asdict(obj) -> dict[str, Any]:
-    import dataclasses
-
-    return dataclasses.asdict(obj)
-
-
 def figure_editing(model_json: str, steps_tsv: str, facts_tsv: str, layer: int, curves_png: str, curves_pdf: str,
                    scatter_png: str, scatter_pdf: str, dpi: int) -> None:
     from . import plots
+    from .editing import METHODS
     from .summaries import read_table
 
     label = _label(model_json)[0]
     steps = read_table(steps_tsv)
     n = np.array([int(r["n_edits"]) for r in steps])
     series = {}
-    for method in ("closed_form", "null_space"):
+    for method in METHODS:
         series[method] = {key: np.array([float(r[f"{method}_{key}"]) if r[f"{method}_{key}"] else np.nan
                                          for r in steps]) for key in ("edit_success", "retention")}
     plots.editing_curves(n, series, f"{label}, layer {layer}", curves_png, curves_pdf, dpi)

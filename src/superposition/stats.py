@@ -107,25 +107,25 @@ class GramAccumulator:
         self._mask = None
         self._finite: list = []
         self._handles: list = []
-        # On the CPU the batch Gram is a torch GEMM (in torch's own thread pool: scipy's BLAS syrk needs half the
-        # flops but its threads fight torch's for the cores, which measured 20% slower overall) added into the
-        # float64 sums by numpy; `symmetric_sums` then mirrors the upper triangle so that C is exactly symmetric.
-        self.upper_only = device.type == "cpu"
+        # The batch Gram is a torch GEMM (on the CPU in torch's own thread pool: scipy's BLAS syrk needs half the
+        # flops but its threads fight torch's for the cores, which measured 20% slower overall). On the CPU numpy
+        # adds it into the float64 sums and `symmetric_sums` mirrors the upper triangle so C is exactly symmetric.
+        self.mirror_upper = device.type == "cpu"
 
     def _hook(self, layer: int) -> Callable:
         last = self.layers[-1]
 
         def hook(module, args):
             keys = args[0][self._mask].to(self._dtype)
-            if self.upper_only:
-                gram = (keys.T @ keys).numpy()
+            gram = keys.T @ keys
+            if self.mirror_upper:
+                gram = gram.numpy()
                 # NaN/Inf anywhere in the keys reaches the diagonal (sums of squares): checking it is enough
                 self._finite.append(bool(np.isfinite(np.diagonal(gram)).all()))
                 # numpy's mixed float32 -> float64 in-place add is ~6x faster than torch's on the CPU;
                 # .numpy() shares the accumulator's memory.
                 np.add(self.sums[layer].numpy(), gram, out=self.sums[layer].numpy())
             else:
-                gram = keys.T @ keys
                 self._finite.append(self._torch.isfinite(gram).all())
                 self.sums[layer] += gram
             if layer == last:
@@ -138,7 +138,7 @@ class GramAccumulator:
         out = {}
         for layer in self.layers:
             S = self.sums[layer].cpu().numpy()
-            out[layer] = np.triu(S) + np.triu(S, 1).T if self.upper_only else S
+            out[layer] = np.triu(S) + np.triu(S, 1).T if self.mirror_upper else S
         return out
 
     def __enter__(self):
@@ -243,7 +243,7 @@ def collect_second_moments(
     batches = token_batches(lengths, max_tokens, max_batch)
     accumulator = GramAccumulator(model, list(layers), gram_dtype)
     # The plan names the batches, layers and accumulator layout: a checkpoint of another plan is never resumed.
-    plan = plan_digest(lengths, batches, accumulator.layers) + ("-upper" if accumulator.upper_only else "-full")
+    plan = plan_digest(lengths, batches, accumulator.layers) + ("-upper" if accumulator.mirror_upper else "-full")
     start = 0
     if checkpoint_path and Path(checkpoint_path).exists():
         start = _load_checkpoint(checkpoint_path, accumulator, plan)
