@@ -42,9 +42,11 @@ def run_mode(args) -> dict:
 
     manifest, model, tokenizer, docs = load(args)
     n_layers = manifest["n_layers"]
-    batches = stats.token_batches([len(d) for d in docs], args.max_tokens, 64)
-    padded = [stats.pad_batch([docs[i] for i in b], tokenizer.pad_token_id) for b in batches]
     device = next(model.parameters()).device
+    # the batch plan of the pipeline itself (collect_second_moments)
+    batches = stats.token_batches([len(d) for d in docs], args.max_tokens, 64,
+                                  stats.default_batch_overhead(device.type))
+    padded = [stats.pad_batch([docs[i] for i in b], tokenizer.pad_token_id) for b in batches]
 
     def passes(layers):
         acc = stats.GramAccumulator(model, layers, "float32")
@@ -90,6 +92,8 @@ def run_mode(args) -> dict:
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     if args.mode == "ours":
         out["flops"] = forward_and_gram_flops(model, manifest, docs, padded)
+        out["batches"] = len(padded)
+        out["padding"] = 1 - tokens / sum(ids.numel() for ids, _, _ in padded)
     return out
 
 
@@ -126,7 +130,8 @@ def main() -> None:
         print(f"  {mode}: {results[mode]}", file=sys.stderr)
     ours, rome, bare, peak = results["ours"], results["rome"], results["bare"], results["peak"]
     achieved = ours["flops"] / ours["seconds"]
-    print(f"model {args.model}, {ours['tokens']} tokens, {args.threads} threads")
+    print(f"model {args.model}, {ours['tokens']} tokens in {ours['batches']} batches "
+          f"({ours['padding']:.0%} padding), {args.threads} threads")
     print("| mode | seconds | tokens/s | peak RSS (MB) |")
     print("|---|---:|---:|---:|")
     for name, r in [("(a) ours: one pass, all layers", ours), ("(b) ROME-style: one pass per layer", rome),

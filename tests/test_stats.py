@@ -53,6 +53,7 @@ def test_second_moment_matches_float64_reference(model_type, tmp_path):
     docs = random_docs()
     layers = [0, 1, 2]
     # Padded batches of several documents (max_tokens small forces many batches with padding).
+    assert any(len(set(len(docs[i]) for i in b)) > 1 for b in stats.token_batches([len(d) for d in docs], 120, 5))
     summary = run(model, docs, layers, tmp_path / "s.h5", max_tokens=120, max_batch=5, gram_dtype="float64")
     sums, count = read_sums(tmp_path / "s.h5")
     ref = reference_second_moments(model, docs, layers)
@@ -60,6 +61,21 @@ def test_second_moment_matches_float64_reference(model_type, tmp_path):
     for layer in layers:
         C = sums[f"layer_{layer}"] / count
         assert np.linalg.norm(C - ref[layer][0]) <= 1e-10 * np.linalg.norm(ref[layer][0])
+
+
+@pytest.mark.parametrize("panel", [16, 24])
+def test_gram_by_upper_panels_equals_reference(panel, tmp_path, monkeypatch):
+    """The CPU Gram is computed as block rows of the upper triangle (d_m = 64: 4 panels, or 3 with a short one)."""
+    monkeypatch.setattr(stats, "GRAM_PANEL", panel)
+    model = tiny_model("llama").double()
+    docs = random_docs()
+    run(model, docs, [0, 2], tmp_path / "s.h5", max_tokens=120, gram_dtype="float64")
+    sums, count = read_sums(tmp_path / "s.h5")
+    ref = reference_second_moments(model, docs, [0, 2])
+    for layer in [0, 2]:
+        S = sums[f"layer_{layer}"]
+        assert np.array_equal(S, S.T)
+        assert np.linalg.norm(S / count - ref[layer][0]) <= 1e-10 * np.linalg.norm(ref[layer][0])
 
 
 def test_float32_batch_gram_is_close_to_reference(tmp_path):
@@ -76,7 +92,8 @@ def test_pad_tokens_never_count(tmp_path):
     model = tiny_model("gpt2").double()
     docs = random_docs(n_docs=10)
     run(model, docs, [0, 2], tmp_path / "a.h5", max_tokens=1, gram_dtype="float64")  # one doc per batch, no pad
-    run(model, docs, [0, 2], tmp_path / "b.h5", max_tokens=10**6, gram_dtype="float64")  # one padded batch
+    run(model, docs, [0, 2], tmp_path / "b.h5", max_tokens=10**6, batch_overhead_tokens=10**9,
+        gram_dtype="float64")  # one padded batch
     (a, na), (b, nb) = read_sums(tmp_path / "a.h5"), read_sums(tmp_path / "b.h5")
     assert na == nb == sum(len(d) for d in docs)
     for key in a:
@@ -171,6 +188,50 @@ def test_nan_activation_names_layer_and_batch(tmp_path):
 def test_half_precision_gram_is_refused():
     with pytest.raises(ValueError, match="gram_dtype 'float16' is refused"):
         stats.GramAccumulator(tiny_model("llama"), [0], "float16")
+
+
+def padded_positions(lengths, batches):
+    return sum(max(lengths[i] for i in batch) * len(batch) for batch in batches)
+
+
+def best_contiguous_cost(widths, max_tokens, max_batch, overhead):
+    """Brute force over every way to cut the longest-first order into batches."""
+    import itertools
+
+    n, best = len(widths), float("inf")
+    for cuts in itertools.product([False, True], repeat=n - 1):
+        bounds = [0] + [i + 1 for i, c in enumerate(cuts) if c] + [n]
+        groups = [(bounds[k], bounds[k + 1]) for k in range(len(bounds) - 1)]
+        if all(b - a <= max_batch and (b - a == 1 or widths[a] * (b - a) <= max_tokens) for a, b in groups):
+            best = min(best, sum(widths[a] * (b - a) + overhead for a, b in groups))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_token_batches_are_a_least_padding_plan(seed):
+    rng = np.random.default_rng(seed)
+    lengths = [int(x) for x in rng.integers(0, 60, size=11)]  # a zero-length document is skipped
+    max_tokens, max_batch, overhead = 120, 4, 10
+    batches = stats.token_batches(lengths, max_tokens, max_batch, overhead)
+    assert sorted(i for b in batches for i in b) == [i for i, n in enumerate(lengths) if n > 0]
+    for batch in batches:
+        width = max(lengths[i] for i in batch)
+        assert len(batch) <= max_batch and (len(batch) == 1 or width * len(batch) <= max_tokens)
+    widths = sorted((n for n in lengths if n > 0), reverse=True)
+    cost = padded_positions(lengths, batches) + overhead * len(batches)
+    assert cost == best_contiguous_cost(widths, max_tokens, max_batch, overhead)
+    assert stats.token_batches(lengths, max_tokens, max_batch, overhead) == batches  # deterministic
+
+
+def test_token_batches_avoid_the_padding_of_greedy_filling():
+    # A few long documents among many short ones (like Wikipedia lead sections): filling each batch up to
+    # max_tokens pads the short ones to the long ones' width.
+    lengths = [305, 205, 155, 138] + [100] * 20 + [60] * 16
+    batches = stats.token_batches(lengths, 4096, 64, 64)
+    padding = 1 - sum(lengths) / padded_positions(lengths, batches)
+    assert padding < 0.05
+    # one oversized document still gets a batch of its own
+    assert stats.token_batches([5000, 10, 10], 4096, 64, 64) == [[0], [1, 2]]
 
 
 def test_layer_blocks():
