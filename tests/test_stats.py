@@ -63,19 +63,23 @@ def test_second_moment_matches_float64_reference(model_type, tmp_path):
         assert np.linalg.norm(C - ref[layer][0]) <= 1e-10 * np.linalg.norm(ref[layer][0])
 
 
-@pytest.mark.parametrize("panel", [16, 24])
-def test_gram_by_upper_panels_equals_reference(panel, tmp_path, monkeypatch):
-    """The CPU Gram is computed as block rows of the upper triangle (d_m = 64: 4 panels, or 3 with a short one)."""
-    monkeypatch.setattr(stats, "GRAM_PANEL", panel)
+@pytest.mark.parametrize("panel", [16, 24, 64])
+@pytest.mark.parametrize("numpy_add", [True, False], ids=["cpu-add", "torch-add"])
+def test_gram_by_upper_panels_equals_reference(panel, numpy_add, monkeypatch):
+    """The batch Gram is computed as block rows of its upper triangle (d_m = 64: 4 panels, 3 with a short one, or 1)
+    and added by numpy (CPU) or torch (the GPU's path, run here on the CPU)."""
+    monkeypatch.setattr(stats, "GRAM_PANEL", (panel, panel))
     model = tiny_model("llama").double()
     docs = random_docs()
-    run(model, docs, [0, 2], tmp_path / "s.h5", max_tokens=120, gram_dtype="float64")
-    sums, count = read_sums(tmp_path / "s.h5")
+    accumulator = stats.GramAccumulator(model, [0, 2], "float64")
+    accumulator.numpy_add = numpy_add
+    with accumulator:
+        for index, batch in enumerate(stats.token_batches([len(d) for d in docs], 120, 64)):
+            accumulator.add_batch(*stats.pad_batch([docs[i] for i in batch], 0), index)
     ref = reference_second_moments(model, docs, [0, 2])
-    for layer in [0, 2]:
-        S = sums[f"layer_{layer}"]
+    for layer, S in accumulator.symmetric_sums().items():
         assert np.array_equal(S, S.T)
-        assert np.linalg.norm(S / count - ref[layer][0]) <= 1e-10 * np.linalg.norm(ref[layer][0])
+        assert np.linalg.norm(S / accumulator.count - ref[layer][0]) <= 1e-10 * np.linalg.norm(ref[layer][0])
 
 
 def test_float32_batch_gram_is_close_to_reference(tmp_path):

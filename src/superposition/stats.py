@@ -28,7 +28,9 @@ class NonFiniteActivationError(FloatingPointError):
     pass
 
 
-GRAM_PANEL = 256  # rows per block row of the CPU Gram (192-384 measured equally fast for d_m = 1536)
+# Rows per block row of the batch Gram: (CPU, CUDA). 192-384 measured equally fast on the CPU for d_m = 1536; on a
+# GPU wider panels keep every GEMM large (not measured: no GPU here).
+GRAM_PANEL = (256, 1024)
 
 
 class StopForward(Exception):
@@ -128,38 +130,39 @@ class GramAccumulator:
         self._mask = None
         self._finite: list = []
         self._handles: list = []
-        # The batch Gram is torch GEMMs in torch's own thread pool (scipy's BLAS syrk needs half the flops, but its
-        # threads fight torch's for the cores, which measured 20% slower overall). On the CPU only the upper
-        # triangle is computed, one block row of GRAM_PANEL rows at a time (0.58 of the full product's flops for
-        # d_m = 1536, measured 30% faster), numpy adds it into the float64 sums, and `symmetric_sums` mirrors it.
-        self.mirror_upper = device.type == "cpu"
+        # The batch Gram is computed as block rows of its upper triangle (d_m = 1536 in panels of 256 rows: 0.58 of
+        # the full product's flops, measured 30% faster on the CPU; the full product would also be symmetric to
+        # rounding only), in torch's own thread pool: scipy's BLAS syrk needs half the flops, but its threads fight
+        # torch's for the cores, which measured 20% slower overall. `symmetric_sums` mirrors the upper triangle.
+        # On the CPU numpy adds each panel into the float64 sums (its mixed float32 -> float64 in-place add is
+        # ~6x faster than torch's); on a GPU torch does, and the finiteness flags stay on the device until the
+        # batch ends (one synchronisation per batch).
+        self.panel_rows = GRAM_PANEL[device.type == "cuda"]
+        self.numpy_add = device.type == "cpu"
 
-    def _add_upper_panels(self, layer: int, keys) -> bool:
+    def _add_upper_panels(self, layer: int, keys):
         """Add the upper block rows of keys^T keys into the float64 sum; returns whether the diagonal is finite."""
         keys_t = keys.T.contiguous()  # row slices of keys^T are contiguous: measured faster than column views
-        total = self.sums[layer].numpy()  # shares the accumulator's memory
-        finite = True
-        for start in range(0, keys_t.shape[0], GRAM_PANEL):
-            stop = start + GRAM_PANEL
-            panel = (keys_t[start:stop] @ keys_t[start:].T).numpy()  # rows start:stop, columns start:
+        total = self.sums[layer].numpy() if self.numpy_add else self.sums[layer]  # .numpy() shares the memory
+        diagonals = []
+        for start in range(0, keys_t.shape[0], self.panel_rows):
+            stop = start + self.panel_rows
+            panel = keys_t[start:stop] @ keys_t[start:].T  # rows start:stop, columns start:
             # NaN/Inf anywhere in the keys reaches the diagonal (sums of squares): checking it is enough
-            finite = finite and bool(np.isfinite(np.diagonal(panel)).all())
-            # numpy's mixed float32 -> float64 in-place add is ~6x faster than torch's on the CPU
+            diagonals.append(panel.diagonal())
             block = total[start:stop, start:]
-            np.add(block, panel, out=block)
-        return finite
+            if self.numpy_add:
+                np.add(block, panel.numpy(), out=block)
+            else:
+                block += panel
+        return self._torch.isfinite(self._torch.cat(diagonals)).all()
 
     def _hook(self, layer: int) -> Callable:
         last = self.layers[-1]
 
         def hook(module, args):
             keys = args[0][self._mask].to(self._dtype)
-            if self.mirror_upper:
-                self._finite.append(self._add_upper_panels(layer, keys))
-            else:
-                gram = keys.T @ keys
-                self._finite.append(self._torch.isfinite(gram).all())
-                self.sums[layer] += gram
+            self._finite.append(self._add_upper_panels(layer, keys))
             if layer == last:
                 raise StopForward
             return None
@@ -170,7 +173,7 @@ class GramAccumulator:
         out = {}
         for layer in self.layers:
             S = self.sums[layer].cpu().numpy()
-            out[layer] = np.triu(S) + np.triu(S, 1).T if self.mirror_upper else S
+            out[layer] = np.triu(S) + np.triu(S, 1).T
         return out
 
     def __enter__(self):
@@ -278,7 +281,7 @@ def collect_second_moments(
     batches = token_batches(lengths, max_tokens, max_batch, batch_overhead_tokens)
     accumulator = GramAccumulator(model, list(layers), gram_dtype)
     # The plan names the batches, layers and accumulator layout: a checkpoint of another plan is never resumed.
-    plan = plan_digest(lengths, batches, accumulator.layers) + ("-upper" if accumulator.mirror_upper else "-full")
+    plan = plan_digest(lengths, batches, accumulator.layers) + "-upper"
     start = 0
     if checkpoint_path and Path(checkpoint_path).exists():
         start = _load_checkpoint(checkpoint_path, accumulator, plan)
