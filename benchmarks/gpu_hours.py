@@ -4,12 +4,15 @@ No GPU was available to measure these. The estimate counts floating-point operat
 divides by an assumed sustained throughput:
 
     forward  = 2 * parameters * tokens                     (bfloat16 weights, stats.model_dtype)
-    Gram     = 2 * d_m^2 * layers * tokens                 (float32 K^T K per batch, TF32 off: fp32 CUDA cores)
+    Gram     = 2 * layers * tokens * sum over panels of rows * (d_m - first row)
+                                                            (float32 upper-triangle block rows of K^T K per batch,
+                                                             1,024 rows each on a GPU, TF32 off: fp32 CUDA cores)
 
     hours = forward / (forward_tflops * efficiency) + Gram / (gram_tflops * efficiency)
 
 Defaults: an A100 (312 TFLOP/s bfloat16 tensor cores, 19.5 TFLOP/s float32 without TF32), 40% sustained
-(our CPU benchmark reached 37% of the measured matmul peak for forward + Gram), and 700 tokens per Wikipedia
+(an assumption: our CPU benchmark reached 73% of the measured matmul peak for forward + Gram, but a GPU's
+small-batch forward rarely sustains that), and 700 tokens per Wikipedia
 article after truncation to the model's context (set --tokens-per-document from the corpus manifest once
 corpus_shards has run: results/paper/corpus/<model>/manifest.json has corpus_tokens).
 
@@ -21,6 +24,13 @@ from __future__ import annotations
 import argparse
 
 import yaml
+
+from superposition.stats import GRAM_PANEL
+
+def upper_panel_gram_flops(d_m: int, rows: int = GRAM_PANEL[1]) -> int:
+    """FLOPs per token and layer of the batch Gram as computed on a GPU (stats.GramAccumulator)."""
+    return sum(2 * min(rows, d_m - start) * (d_m - start) for start in range(0, d_m, rows))
+
 
 # Width of the key (input of the down projection), from each model's published config.json.
 KEY_WIDTH = {
@@ -54,7 +64,7 @@ def main() -> None:
             continue
         params = entry["params_millions"] * 1e6
         forward = 2 * params * tokens
-        gram = 2 * d_m ** 2 * entry["n_layers"] * tokens
+        gram = upper_panel_gram_flops(d_m) * entry["n_layers"] * tokens
         hours = (forward / (args.forward_tflops * 1e12) + gram / (args.gram_tflops * 1e12)) / args.efficiency / 3600
         total += hours
         print(f"| {name} | {params / 1e9:.2f} B | {entry['n_layers']} | {d_m} | {forward / 1e15:.0f} | "
