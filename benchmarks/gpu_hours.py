@@ -11,7 +11,7 @@ divides by an assumed sustained throughput:
     hours = forward / (forward_tflops * efficiency) + Gram / (gram_tflops * efficiency)
 
 Defaults: an A100 (312 TFLOP/s bfloat16 tensor cores, 19.5 TFLOP/s float32 without TF32), 40% sustained
-(an assumption: our CPU benchmark reached 73% of the measured matmul peak for forward + Gram, but a GPU's
+(an assumption: our CPU benchmark reached 65-69% of the measured matmul peak for forward + Gram, but a GPU's
 small-batch forward rarely sustains that), and 700 tokens per Wikipedia
 article after truncation to the model's context (set --tokens-per-document from the corpus manifest once
 corpus_shards has run: results/paper/corpus/<model>/manifest.json has corpus_tokens).
