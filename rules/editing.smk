@@ -62,6 +62,12 @@ rule figure_editing:
             },
         ),
         scatter_pdf=res("figures/{model}/editing_interference.layer-{layer}.pdf"),
+        separation=report(
+            res("editing/{model}/layer-{layer}.separation.tsv"),
+            caption="../report/editing_separation.rst",
+            category="Lifelong editing",
+            labels={"model": "{model}", "table": "interference vs forgetting"},
+        ),
     log:
         res("logs/figure_editing/{model}/layer-{layer}.log"),
     benchmark:
@@ -71,6 +77,8 @@ rule figure_editing:
     params:
         layer=lambda w: int(w.layer),
         dpi=config["plots"]["dpi"],
-        code=rule_code_hash("figure_editing", "superposition.plots"),
+        code=rule_code_hash(
+            "figure_editing", "superposition.plots", "superposition.summaries"
+        ),
     script:
         "../workflow/scripts/figure_editing.py"

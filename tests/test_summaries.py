@@ -70,3 +70,21 @@ def test_figures_of_a_one_layer_model_are_written(tmp_path):
             image.load()
             assert image.size[0] >= 300 and image.size[1] >= 200
     assert (tmp_path / "h.pdf").read_bytes()[:4] == b"%PDF"
+
+
+def test_interference_separation_matches_pair_counting():
+    rng = np.random.default_rng(3)
+    x = rng.exponential(size=40)
+    x[5] = x[6]  # a tie across the groups counts one half
+    forgotten = rng.random(40) < 0.3
+    forgotten[5], forgotten[6] = True, False
+    drop = 2 * x + rng.normal(scale=0.5, size=40)
+    out = summaries.interference_separation(x, drop, forgotten)
+    pairs = [(a > b) + 0.5 * (a == b) for a in x[forgotten] for b in x[~forgotten]]
+    assert out["auc_forgotten_vs_kept"] == pytest.approx(np.mean(pairs), rel=1e-12)
+    assert out["n_retained"] == 40 and out["n_forgotten"] == int(forgotten.sum())
+    assert out["median_interference_forgotten"] == np.median(x[forgotten]) and out["max_interference"] == x.max()
+    assert 0.5 < out["spearman_rho"] < 1
+    # a monotone relation: rho 1; nothing forgotten: the AUC is undefined, not 0.5
+    perfect = summaries.interference_separation(x, np.log(x), np.zeros(40, dtype=bool))
+    assert perfect["spearman_rho"] == pytest.approx(1.0) and np.isnan(perfect["auc_forgotten_vs_kept"])

@@ -186,6 +186,14 @@ def test_lifelong_editing_outputs(tiny_run):
         for method in ("closed_form", "null_space"):
             np.testing.assert_allclose(f[method]["weight_change"][()] @ keys.T, f[method]["measured_dv"][()],
                                        rtol=1e-10, atol=1e-12)
+    # the figure's statistics are a table too, computed from the per-fact table
+    (row,) = read_table(res / "layer-1.separation.tsv")
+    retained = facts[2:]
+    assert (row["model"], row["layer"], row["n_edits"], row["method"]) == ("tiny", "1", "2", "closed_form")
+    assert int(row["n_retained"]) == 2
+    assert int(row["n_forgotten"]) == sum(r["closed_form_forgotten"] == "1" for r in retained)
+    assert float(row["max_interference"]) == pytest.approx(
+        max(float(r["closed_form_relative_interference"]) for r in retained), rel=1e-6)
 
 
 def test_changing_a_downstream_parameter_does_not_rerun_statistics(tiny_run):

@@ -556,10 +556,10 @@ def lifelong_edit(model_json: str, keys_path: str, whitening_path: str, covarian
 
 
 def figure_editing(model_json: str, steps_tsv: str, facts_tsv: str, layer: int, curves_png: str, curves_pdf: str,
-                   scatter_png: str, scatter_pdf: str, dpi: int) -> None:
+                   scatter_png: str, scatter_pdf: str, separation_tsv: str, dpi: int) -> None:
     from . import plots
     from .editing import METHODS
-    from .summaries import read_table
+    from .summaries import interference_separation, read_table, write_table
 
     label = _label(model_json)[0]
     steps = read_table(steps_tsv)
@@ -569,8 +569,15 @@ def figure_editing(model_json: str, steps_tsv: str, facts_tsv: str, layer: int, 
         series[method] = {key: np.array([float(r[f"{method}_{key}"]) if r[f"{method}_{key}"] else np.nan
                                          for r in steps]) for key in ("edit_success", "retention")}
     plots.editing_curves(n, series, f"{label}, layer {layer}", curves_png, curves_pdf, dpi)
+    # the prediction sum_i p(k_ei, k_j) delta_i exists for the closed-form updates only
     retained = [r for r in read_table(facts_tsv) if r["role"] == "retained"]
-    plots.interference_scatter(np.array([float(r["closed_form_relative_interference"]) for r in retained]),
-                               np.array([float(r["closed_form_logp_drop"]) for r in retained]),
-                               np.array([r["closed_form_forgotten"] == "1" for r in retained]),
+    interference = np.array([float(r["closed_form_relative_interference"]) for r in retained])
+    logp_drop = np.array([float(r["closed_form_logp_drop"]) for r in retained])
+    forgotten = np.array([r["closed_form_forgotten"] == "1" for r in retained])
+    separation = interference_separation(interference, logp_drop, forgotten)
+    row = {"model": models.read_manifest(model_json)["name"], "layer": layer, "n_edits": int(n[-1]),
+           "method": "closed_form", **separation}
+    write_table(separation_tsv, [row], list(row))
+    print(", ".join(f"{k} {v}" for k, v in row.items()))
+    plots.interference_scatter(interference, logp_drop, forgotten, separation,
                                f"{label}, layer {layer}, {int(n[-1])} edits", scatter_png, scatter_pdf, dpi)

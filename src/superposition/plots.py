@@ -210,17 +210,10 @@ def editing_curves(n_edits: np.ndarray, series: dict[str, dict[str, np.ndarray]]
     save(fig, png, pdf, dpi)
 
 
-def interference_scatter(predicted: np.ndarray, logp_drop: np.ndarray, forgotten: np.ndarray, title: str, png, pdf,
-                         dpi: int) -> None:
+def interference_scatter(predicted: np.ndarray, logp_drop: np.ndarray, forgotten: np.ndarray,
+                         separation: dict[str, float], title: str, png, pdf, dpi: int) -> None:
     """Predicted interference ||sum_i p(k_ei, k_j) delta_i||, relative to the key's unedited output ||W_0 k_j||,
-    vs the measured drop of log p(target_true)."""
-    from scipy.stats import mannwhitneyu, spearmanr
-
-    rho = spearmanr(predicted, logp_drop).statistic if len(predicted) > 2 else float("nan")
-    # how well the interference alone separates forgotten from still-known facts (ROC AUC = U / (n1 n0))
-    n_lost, n_kept = int(forgotten.sum()), int((~forgotten).sum())
-    auc = mannwhitneyu(predicted[forgotten], predicted[~forgotten]).statistic / (n_lost * n_kept) \
-        if n_lost and n_kept else float("nan")
+    vs the measured drop of log p(target_true); ``separation`` from editing.interference_separation."""
     fig, ax = plt.subplots(figsize=(5.6, 3.9))
     ax.scatter(predicted[~forgotten], logp_drop[~forgotten], s=9, alpha=0.6, color="tab:gray", label="still known")
     ax.scatter(predicted[forgotten], logp_drop[forgotten], s=12, alpha=0.8, color="tab:red", label="forgotten")
@@ -231,5 +224,6 @@ def interference_scatter(predicted: np.ndarray, logp_drop: np.ndarray, forgotten
     ax.set_xlabel(r"predicted interference $\|\sum_i p(k_{e_i},k_j)\,\delta_i\| \,/\, \|W_0 k_j\|$")
     ax.set_ylabel(r"drop of $\log p$(target_true)")
     ax.legend(loc="upper left")
-    ax.set_title(f"{title}\nSpearman ρ = {rho:.2f} (n = {len(predicted)}), AUC forgotten vs kept = {auc:.2f}")
+    ax.set_title(f"{title}\nSpearman ρ = {separation['spearman_rho']:.2f} (n = {len(predicted)}), "
+                 f"AUC forgotten vs kept = {separation['auc_forgotten_vs_kept']:.2f}")
     save(fig, png, pdf, dpi)

@@ -8,6 +8,7 @@ Gaussian KDEs with Scott's bandwidth evaluated on a fixed grid. For the cosine m
 from __future__ import annotations
 
 import csv
+import math
 from typing import Any, Iterable, Sequence
 
 import h5py
@@ -127,3 +128,30 @@ def kurtosis_vs_m(K: np.ndarray, cholesky: np.ndarray, m_values: Sequence[int]) 
             P = superposition_matrices(K[:m], cholesky)["P"]
             out.append((m, excess_kurtosis(off_diagonal(P))))
     return out
+
+
+def interference_separation(relative_interference: np.ndarray, logp_drop: np.ndarray,
+                            forgotten: np.ndarray) -> dict[str, float]:
+    """How well the predicted interference on each retained fact tells the ones the model forgot.
+
+    Spearman's rho of interference against the drop of log p(target_true), and the ROC AUC of the interference for
+    forgotten vs kept facts (Mann-Whitney U / (n_forgotten n_kept): 0.5 is chance, 1 means every forgotten fact
+    received more interference than every kept one). NaN where a statistic is undefined.
+    """
+    x = np.asarray(relative_interference, dtype=np.float64)
+    y = np.asarray(logp_drop, dtype=np.float64)
+    lost = np.asarray(forgotten, dtype=bool)
+    n_lost, n_kept = int(lost.sum()), int((~lost).sum())
+    rho = float(scipy.stats.spearmanr(x, y).statistic) if len(x) > 2 else math.nan
+    auc = math.nan
+    if n_lost and n_kept:
+        auc = float(scipy.stats.mannwhitneyu(x[lost], x[~lost]).statistic / (n_lost * n_kept))
+    return {
+        "n_retained": len(x),
+        "n_forgotten": n_lost,
+        "spearman_rho": rho,
+        "auc_forgotten_vs_kept": auc,
+        "median_interference_forgotten": float(np.median(x[lost])) if n_lost else math.nan,
+        "median_interference_kept": float(np.median(x[~lost])) if n_kept else math.nan,
+        "max_interference": float(x.max()) if len(x) else math.nan,
+    }

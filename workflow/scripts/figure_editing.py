@@ -10,5 +10,6 @@ pipeline.figure_editing(
     snakemake.output.curves_pdf,
     snakemake.output.scatter_png,
     snakemake.output.scatter_pdf,
+    snakemake.output.separation,
     snakemake.params.dpi,
 )
