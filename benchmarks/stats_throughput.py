@@ -54,6 +54,7 @@ def run_mode(args) -> dict:
         with acc:
             for index, (ids, mask, pos) in enumerate(padded):
                 acc.add_batch(ids, mask, pos, index)
+            acc.flush()
         return acc.count
 
     if args.mode == "peak":

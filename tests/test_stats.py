@@ -45,8 +45,9 @@ def read_sums(path):
         return {k: f[k]["sum"][()] for k in f}, int(f.attrs["count"])
 
 
+@pytest.mark.parametrize("gram_tokens", [None, 0, 37])
 @pytest.mark.parametrize("model_type", FAMILIES)
-def test_second_moment_matches_float64_reference(model_type, tmp_path):
+def test_second_moment_matches_float64_reference(model_type, gram_tokens, tmp_path):
     # A float64 model makes batched and one-by-one keys equal to round-off, so the comparison isolates the
     # accumulation (masking, padding, merging) from float32 matmul-shape effects.
     model = tiny_model(model_type).double()
@@ -54,7 +55,10 @@ def test_second_moment_matches_float64_reference(model_type, tmp_path):
     layers = [0, 1, 2]
     # Padded batches of several documents (max_tokens small forces many batches with padding).
     assert any(len(set(len(docs[i]) for i in b)) > 1 for b in stats.token_batches([len(d) for d in docs], 120, 5))
-    summary = run(model, docs, layers, tmp_path / "s.h5", max_tokens=120, max_batch=5, gram_dtype="float64")
+    # gram_tokens: 2,048 on the CPU (one Gram at the end here), each batch's own, or every few batches
+    summary = run(model, docs, layers, tmp_path / "s.h5", max_tokens=120, max_batch=5, gram_dtype="float64",
+                  gram_tokens=gram_tokens, checkpoint_every=4)
+    assert summary["gram_tokens"] == (2048 if gram_tokens is None else gram_tokens)
     sums, count = read_sums(tmp_path / "s.h5")
     ref = reference_second_moments(model, docs, layers)
     assert count == summary["n_tokens"] == sum(len(d) for d in docs) == ref[0][1]
@@ -67,11 +71,12 @@ def test_second_moment_matches_float64_reference(model_type, tmp_path):
 @pytest.mark.parametrize("numpy_add", [True, False], ids=["cpu-add", "torch-add"])
 def test_gram_by_upper_panels_equals_reference(panel, numpy_add, monkeypatch):
     """The batch Gram is computed as block rows of its upper triangle (d_m = 64: 4 panels, 3 with a short one, or 1)
-    and added by numpy (CPU) or torch (the GPU's path, run here on the CPU)."""
+    and added by numpy (CPU) or torch (the GPU's path, run here on the CPU), over keys gathered from several
+    forward batches."""
     monkeypatch.setattr(stats, "GRAM_PANEL", (panel, panel))
     model = tiny_model("llama").double()
     docs = random_docs()
-    accumulator = stats.GramAccumulator(model, [0, 2], "float64")
+    accumulator = stats.GramAccumulator(model, [0, 2], "float64", gram_tokens=100)
     accumulator.numpy_add = numpy_add
     with accumulator:
         for index, batch in enumerate(stats.token_batches([len(d) for d in docs], 120, 64)):
@@ -171,7 +176,8 @@ def test_truncated_stats_file_is_named(tmp_path):
         stats.merge_layer([path], 0, model="tiny", d_m=64, corpus_fingerprint="fp", n_shards=1)
 
 
-def test_nan_activation_names_layer_and_batch(tmp_path):
+@pytest.mark.parametrize("gram_tokens", [0, 10**6])
+def test_nan_activation_names_layer_and_batch(gram_tokens, tmp_path):
     model = tiny_model("llama")
     # Poison layer 1's down-projection input from the second batch on.
     state = {"batch": 0}
@@ -184,8 +190,26 @@ def test_nan_activation_names_layer_and_batch(tmp_path):
             return (x,)
 
     models.key_module(model, 1).register_forward_pre_hook(poison, prepend=True)
-    with pytest.raises(stats.NonFiniteActivationError, match="layer 1 at batch 1"):
-        run(model, random_docs(8), [0, 1, 2], tmp_path / "s.h5", max_tokens=1)
+    with pytest.raises(stats.NonFiniteActivationError, match="NaN or Inf in the keys of layer 1 at batch 1$"):
+        run(model, random_docs(8), [0, 1, 2], tmp_path / "s.h5", max_tokens=1, gram_tokens=gram_tokens)
+    assert not (tmp_path / "s.h5").exists()
+
+
+@pytest.mark.parametrize("gram_tokens, where", [(0, "batch 2"), (10**6, "batches 0-7")])
+def test_float32_gram_overflow_names_layer_and_batches(gram_tokens, where, tmp_path):
+    """Finite keys whose squares exceed float32 (about 3e38): the Gram check names the batches of the product."""
+    model = tiny_model("llama")
+    state = {"batch": 0}
+
+    def huge(module, args):
+        state["batch"] += 1
+        if state["batch"] == 3:
+            return (args[0] * 0 + 1e25,)
+
+    models.key_module(model, 1).register_forward_pre_hook(huge, prepend=True)
+    with pytest.raises(stats.NonFiniteActivationError,
+                       match=f"float32 Gram of layer 1 over {where} is not finite although its keys are"):
+        run(model, random_docs(8), [0, 1, 2], tmp_path / "s.h5", max_tokens=1, gram_tokens=gram_tokens)
     assert not (tmp_path / "s.h5").exists()
 
 
@@ -265,9 +289,10 @@ CRASH_SCRIPT = textwrap.dedent("""
     from test_stats import random_docs
     from superposition import stats
     crash = None if sys.argv[1] == "none" else int(sys.argv[1])
+    # Gram products of >= 50 tokens (about 2 batches) that straddle the checkpoints every 3 batches
     stats.collect_second_moments(tiny_model("gemma3_text"), random_docs(40, max_len=20), [0, 1, 2], sys.argv[2],
-                                 {{"model": "tiny"}}, pad_id=0, max_tokens=40, checkpoint_path=sys.argv[3],
-                                 checkpoint_every=3, progress=False, _crash_after=crash)
+                                 {{"model": "tiny"}}, pad_id=0, max_tokens=40, checkpoint_path=sys.argv[3] or None,
+                                 checkpoint_every=3, gram_tokens=50, progress=False, _crash_after=crash)
 """)
 
 
@@ -289,7 +314,11 @@ def test_killed_job_resumes_to_an_identical_result(tmp_path):
     clean = subprocess.run([sys.executable, str(script), "none", str(ref), str(tmp_path / "none.h5")],
                            capture_output=True, text=True)
     assert clean.returncode == 0, clean.stderr
-    (a, na), (b, nb) = read_sums(out), read_sums(ref)
-    assert na == nb
+    unchecked = subprocess.run([sys.executable, str(script), "none", str(tmp_path / "plain.h5"), ""],
+                               capture_output=True, text=True)
+    assert unchecked.returncode == 0, unchecked.stderr
+    (a, na), (b, nb), (c, nc) = read_sums(out), read_sums(ref), read_sums(tmp_path / "plain.h5")
+    assert na == nb == nc
     for key in a:
         assert np.array_equal(a[key], b[key])
+        assert np.array_equal(a[key], c[key])  # no checkpoint file: the same products, the same bits

@@ -85,6 +85,7 @@ def activation_stats(model_json: str, shard_path: str, layers: Sequence[int], st
         max_tokens=stats_cfg.get("max_tokens_per_batch", 4096),
         max_batch=stats_cfg.get("max_batch_size", 64),
         gram_dtype=stats_cfg.get("gram_dtype", "float32"),
+        gram_tokens=stats_cfg.get("gram_tokens"),
         allow_tf32=stats_cfg.get("allow_tf32", False),
         checkpoint_path=checkpoint_path,
         checkpoint_every=stats_cfg.get("checkpoint_every", 20),

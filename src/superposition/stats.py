@@ -32,6 +32,13 @@ class NonFiniteActivationError(FloatingPointError):
 # GPU wider panels keep every GEMM large (not measured: no GPU here).
 GRAM_PANEL = (256, 1024)
 
+# Tokens of keys a layer collects before its Gram is computed: (CPU, CUDA). On the CPU the forward batches that
+# waste the least padding hold a few hundred tokens, and a Gram over 514 tokens cost 25.6 us per token against
+# 21.2 at 2,048 (d_m = 1,536, 2 threads: the GEMM runs nearer its peak and the float64 add is paid once per
+# 2,048 tokens). The buffer (2,048 x d_m float32 per layer) is smaller than the layer's float64 sum. On a GPU
+# batches are large already and memory is scarcer: 0 computes every forward batch's Gram at once.
+GRAM_TOKENS = (2048, 0)
+
 
 class StopForward(Exception):
     """Raised by the last hook: nothing after the last requested layer is computed."""
@@ -108,6 +115,7 @@ class GramAccumulator:
     model: Any
     layers: list[int]
     gram_dtype: str = "float32"
+    gram_tokens: int | None = None  # None: GRAM_TOKENS of the model's device
     sums: dict[int, Any] = field(default_factory=dict)
     count: int = 0
 
@@ -129,7 +137,7 @@ class GramAccumulator:
             if layer not in self.sums:
                 self.sums[layer] = torch.zeros((d_m, d_m), dtype=torch.float64, device=device)
         self._mask = None
-        self._finite: list = []
+        self._checks: list = []
         self._handles: list = []
         # The batch Gram is computed as block rows of its upper triangle (d_m = 1536 in panels of 256 rows: 0.58 of
         # the full product's flops, measured 30% faster on the CPU; the full product would also be symmetric to
@@ -140,16 +148,24 @@ class GramAccumulator:
         # batch ends (one synchronisation per batch).
         self.panel_rows = GRAM_PANEL[device.type == "cuda"]
         self.numpy_add = device.type == "cpu"
+        if self.gram_tokens is None:
+            self.gram_tokens = GRAM_TOKENS[device.type == "cuda"]
+        if self.gram_tokens < 0:
+            raise ValueError(f"stats.gram_tokens must be >= 0, got {self.gram_tokens}")
+        # keys waiting for their Gram: per layer a list of (d_m, n) float32 chunks, and the batches they came from
+        self._pending: dict[int, list] = {layer: [] for layer in self.layers}
+        self._pending_batches: list[int] = []
+        self._pending_tokens = 0
+        self._flush_in_forward = False
 
-    def _add_upper_panels(self, layer: int, keys):
-        """Add the upper block rows of keys^T keys into the float64 sum; returns whether the diagonal is finite."""
-        keys_t = keys.T.contiguous()  # row slices of keys^T are contiguous: measured faster than column views
+    def _add_upper_panels(self, layer: int, keys_t):
+        """Add the upper block rows of keys_t keys_t^T (keys_t: d_m x n) into the float64 sum; returns whether the
+        diagonal (sums of squares: NaN, Inf or float32 overflow anywhere reaches it) is finite."""
         total = self.sums[layer].numpy() if self.numpy_add else self.sums[layer]  # .numpy() shares the memory
         diagonals = []
         for start in range(0, keys_t.shape[0], self.panel_rows):
             stop = start + self.panel_rows
             panel = keys_t[start:stop] @ keys_t[start:].T  # rows start:stop, columns start:
-            # NaN/Inf anywhere in the keys reaches the diagonal (sums of squares): checking it is enough
             diagonals.append(panel.diagonal())
             block = total[start:stop, start:]
             if self.numpy_add:
@@ -158,12 +174,47 @@ class GramAccumulator:
                 block += panel
         return self._torch.isfinite(self._torch.cat(diagonals)).all()
 
+    def _flush_layer(self, layer: int):
+        chunks = self._pending[layer]
+        # (d_m, n) chunks joined along the tokens: rows of keys^T come out contiguous, measured faster than views
+        keys_t = chunks[0].contiguous() if len(chunks) == 1 else self._torch.cat(chunks, dim=1)
+        chunks.clear()
+        return self._add_upper_panels(layer, keys_t)
+
+    def _raise_if_not_finite(self, checks) -> None:
+        """checks: (layer, what, flag) with flags still on the device, read with one synchronisation."""
+        if not checks:
+            return
+        flags = self._torch.stack([flag for _, _, flag in checks]).tolist()
+        for (layer, what, _), ok in zip(checks, flags):
+            if ok:
+                continue
+            if what == "keys":
+                raise NonFiniteActivationError(
+                    f"NaN or Inf in the keys of layer {layer} at batch {self._pending_batches[-1]}")
+            first, last = self._pending_batches[0], self._pending_batches[-1]
+            where = f"batch {first}" if first == last else f"batches {first}-{last}"
+            raise NonFiniteActivationError(
+                f"the {self.gram_dtype} Gram of layer {layer} over {where} is not finite although its keys are: "
+                f"they are too large for {self.gram_dtype} (try stats.gram_dtype: float64)")
+
+    def flush(self) -> None:
+        """Add every layer's pending keys into its float64 sum (before a checkpoint and at the end)."""
+        if self._pending_tokens:
+            self._raise_if_not_finite([(layer, "Gram", self._flush_layer(layer)) for layer in self.layers])
+        self._pending_batches.clear()
+        self._pending_tokens = 0
+
     def _hook(self, layer: int) -> Callable:
         last = self.layers[-1]
 
         def hook(module, args):
             keys = args[0][self._mask].to(self._dtype)
-            self._finite.append(self._add_upper_panels(layer, keys))
+            # a sum is NaN or Inf if any key is: names the batch even when its Gram is computed later
+            self._checks.append((layer, "keys", self._torch.isfinite(keys.sum())))
+            self._pending[layer].append(keys.T)
+            if self._flush_in_forward:
+                self._checks.append((layer, "Gram", self._flush_layer(layer)))
             if layer == last:
                 raise StopForward
             return None
@@ -171,6 +222,7 @@ class GramAccumulator:
         return hook
 
     def symmetric_sums(self) -> dict[int, np.ndarray]:
+        self.flush()
         out = {}
         for layer in self.layers:
             S = self.sums[layer].cpu().numpy()
@@ -193,19 +245,24 @@ class GramAccumulator:
         device = next(self.model.parameters()).device
         ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
         self._mask = mask.bool()
-        self._finite.clear()
+        n = int(mask.sum().item())
+        self._pending_batches.append(batch_index)
+        self._pending_tokens += n
+        # the hooks compute the Gram of their layer's pending keys once enough tokens wait (while they are hot)
+        self._flush_in_forward = self._pending_tokens >= self.gram_tokens
+        self._checks = []
         with torch.inference_mode():
             try:
                 self.model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
             except StopForward:
                 pass
-        flags = [bool(flag) for flag in self._finite]
-        if len(flags) != len(self.layers):
-            raise RuntimeError(f"expected {len(self.layers)} hooked layers to run, {len(flags)} did")
-        for layer, ok in zip(self.layers, flags):
-            if not ok:
-                raise NonFiniteActivationError(f"NaN or Inf in the keys of layer {layer} at batch {batch_index}")
-        n = int(mask.sum().item())
+        hooked = sorted({layer for layer, what, _ in self._checks if what == "keys"})
+        if hooked != self.layers:
+            raise RuntimeError(f"expected {len(self.layers)} hooked layers to run, {len(hooked)} did")
+        self._raise_if_not_finite(self._checks)
+        if self._flush_in_forward:
+            self._pending_batches.clear()
+            self._pending_tokens = 0
         self.count += n
         return n
 
@@ -228,6 +285,7 @@ def plan_digest(lengths: Sequence[int], batches: Sequence[Sequence[int]], layers
 
 def _save_sums(path, accumulator: GramAccumulator, record: dict[str, Any], final: bool) -> None:
     """Final outputs hold full symmetric sums; checkpoints hold the accumulator exactly as it is."""
+    accumulator.flush()
     sums = accumulator.symmetric_sums() if final else {l: accumulator.sums[l].cpu().numpy() for l in accumulator.layers}
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
@@ -266,6 +324,7 @@ def collect_second_moments(
     max_batch: int = 64,
     batch_overhead_tokens: int | None = None,
     gram_dtype: str = "float32",
+    gram_tokens: int | None = None,
     allow_tf32: bool = False,
     checkpoint_path: str | os.PathLike | None = None,
     checkpoint_every: int = 50,
@@ -280,9 +339,11 @@ def collect_second_moments(
     if batch_overhead_tokens is None:
         batch_overhead_tokens = default_batch_overhead(next(model.parameters()).device.type)
     batches = token_batches(lengths, max_tokens, max_batch, batch_overhead_tokens)
-    accumulator = GramAccumulator(model, list(layers), gram_dtype)
-    # The plan names the batches, layers and accumulator layout: a checkpoint of another plan is never resumed.
-    plan = plan_digest(lengths, batches, accumulator.layers) + "-upper"
+    accumulator = GramAccumulator(model, list(layers), gram_dtype, gram_tokens)
+    # The plan names the batches, layers, accumulator layout and the grouping of tokens into Gram products (which
+    # moves the float32 rounding): a checkpoint of another plan is never resumed.
+    plan = (plan_digest(lengths, batches, accumulator.layers)
+            + f"-upper-g{accumulator.gram_tokens}-c{checkpoint_every}")
     start = 0
     if checkpoint_path and Path(checkpoint_path).exists():
         start = _load_checkpoint(checkpoint_path, accumulator, plan)
@@ -297,8 +358,11 @@ def collect_second_moments(
         for index in range(start, len(batches)):
             ids, mask, positions = pad_batch([docs[i] for i in batches[index]], pad_id)
             bar.update(accumulator.add_batch(ids, mask, positions, index))
-            if checkpoint_path and (index + 1) % checkpoint_every == 0 and index + 1 < len(batches):
-                _save_sums(checkpoint_path, accumulator, {"plan": plan, "next_batch": index + 1}, final=False)
+            if (index + 1) % checkpoint_every == 0:
+                # with or without a checkpoint file, so that the result never depends on whether one was written
+                accumulator.flush()
+                if checkpoint_path and index + 1 < len(batches):
+                    _save_sums(checkpoint_path, accumulator, {"plan": plan, "next_batch": index + 1}, final=False)
             if _crash_after is not None and index + 1 == _crash_after:
                 os._exit(17)  # test hook: die like a killed job, without cleanup
     bar.close()
@@ -312,6 +376,7 @@ def collect_second_moments(
         "n_tokens": total,
         "n_batches": len(batches),
         "gram_dtype": gram_dtype,
+        "gram_tokens": accumulator.gram_tokens,
         "accumulator_dtype": "float64",
         "model_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "device": str(next(model.parameters()).device),
