@@ -6,7 +6,7 @@ On the same machine and the same tokens it measures, each mode in its own proces
                   EasyEdit, AlphaEdit and the paper's code do)
   (c) bare:      a plain forward pass of the backbone, no hooks
   (d) peak:      the machine's measured float32 matmul throughput (best of 5 rounds of 2048- and
-                 3072-square GEMMs)
+                 3072-square GEMMs, measured before and after the other modes)
 and prints (b)/(a), (a)/(c) and the achieved FLOP/s of forward + Gram as a fraction of (d).
 
     .venv/bin/python benchmarks/stats_throughput.py --model results/models/smollm2-135m/model.json --documents 40
@@ -128,11 +128,15 @@ def main() -> None:
         print(json.dumps(run_mode(args)))
         return
     results = {}
-    for mode in ["peak", "ours", "bare", "rome"]:
+    # the peak is measured before and after the other modes and the higher one kept: on a shared machine a slow
+    # spell during a single measurement would understate it and flatter the fraction of peak below
+    for index, mode in enumerate(["peak", "ours", "bare", "rome", "peak"]):
         cmd = [sys.executable, __file__, "--mode", mode] + [a for a in sys.argv[1:]]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"  {mode}: {results[mode]}", file=sys.stderr)
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"  {mode}: {result}", file=sys.stderr)
+        if mode != "peak" or result["flops_per_second"] > results.get("peak", {}).get("flops_per_second", 0):
+            results[mode] = result
     ours, rome, bare, peak = results["ours"], results["rome"], results["bare"], results["peak"]
     achieved = ours["flops"] / ours["seconds"]
     print(f"model {args.model}, {ours['tokens']} tokens in {ours['batches']} batches "

@@ -58,8 +58,8 @@ def token_batches(lengths: Sequence[int], max_tokens: int, max_batch: int,
     """Deterministic batches of document indices that waste the least work on padding.
 
     Documents are sorted longest first and cut into contiguous groups by dynamic programming, minimising
-    padded positions + ``overhead_tokens`` per batch (the fixed cost of one forward: hooks, and adding every
-    layer's d_m x d_m Gram into its float64 sum). A batch holds at most ``max_batch`` documents and at most
+    padded positions + ``overhead_tokens`` per batch (the fixed cost of one forward pass: every layer's kernels,
+    hooks and key copies). A batch holds at most ``max_batch`` documents and at most
     ``max_tokens`` padded positions (a single document longer than that gets a batch of its own). Greedy
     filling up to ``max_tokens`` left 42% of the positions as padding on short Wikipedia lead sections.
     """
