@@ -284,8 +284,7 @@ def plan_digest(lengths: Sequence[int], batches: Sequence[Sequence[int]], layers
 
 
 def _save_sums(path, accumulator: GramAccumulator, record: dict[str, Any], final: bool) -> None:
-    """Final outputs hold full symmetric sums; checkpoints hold the accumulator exactly as it is."""
-    accumulator.flush()
+    """Final outputs hold full symmetric sums; checkpoints hold the accumulator exactly as it is (flushed)."""
     sums = accumulator.symmetric_sums() if final else {l: accumulator.sums[l].cpu().numpy() for l in accumulator.layers}
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
@@ -365,6 +364,7 @@ def collect_second_moments(
                     _save_sums(checkpoint_path, accumulator, {"plan": plan, "next_batch": index + 1}, final=False)
             if _crash_after is not None and index + 1 == _crash_after:
                 os._exit(17)  # test hook: die like a killed job, without cleanup
+        accumulator.flush()  # the last Gram products belong to the timed work
     bar.close()
     elapsed = time.perf_counter() - t0
     if accumulator.count != total:
