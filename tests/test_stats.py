@@ -218,6 +218,11 @@ def test_half_precision_gram_is_refused():
         stats.GramAccumulator(tiny_model("llama"), [0], "float16")
 
 
+def test_negative_gram_tokens_are_refused():
+    with pytest.raises(ValueError, match="stats.gram_tokens must be >= 0, got -1"):
+        stats.GramAccumulator(tiny_model("llama"), [0], "float32", gram_tokens=-1)
+
+
 def padded_positions(lengths, batches):
     return sum(max(lengths[i] for i in batch) * len(batch) for batch in batches)
 
