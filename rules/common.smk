@@ -1,10 +1,14 @@
 # Config validation and the helpers that turn the config into file lists. No rules here.
 
 from snakemake.exceptions import WorkflowError
+from snakemake.logging import logger
 from snakemake.utils import min_version, validate
 
+from pathlib import Path
+
 from superposition import config as sp_config
-from superposition.provenance import module_hash, rule_code_hash
+from superposition import settings as sp_settings
+from superposition.fingerprint import code_params
 
 min_version("9.0")
 
@@ -16,7 +20,7 @@ if "models" not in config:
     configfile: "config/config.yaml"
 
 
-validate(config, "../workflow/schemas/config.schema.yaml")
+validate(config, str(sp_settings.SCHEMA_PATH))
 try:
     sp_config.validate(config)
 except (sp_config.ConfigError, ValueError, IndexError) as err:
@@ -27,31 +31,19 @@ MODELS = list(config["models"])
 SHARDS = list(range(config["corpus"]["n_shards"]))
 USE_KNOWN_FILTER = not config["facts"].get("case_ids")
 
-# Snakemake does not see the library code a script imports: each rule passes a hash of its pipeline
-# function and the modules it uses as a param, so editing one reruns exactly the rules that depend on it.
-CODE = {
-    "models": rule_code_hash("model_snapshot", "superposition.models"),
-    "corpus": rule_code_hash("corpus_shards", "superposition.corpus"),
-    "stats": rule_code_hash(
-        "activation_stats", "superposition.stats", "superposition.models"
-    ),
-    "merge": rule_code_hash("covariance", "superposition.stats"),
-    "export": rule_code_hash("export_rome", "superposition.stats"),
-    "whitening": rule_code_hash("whitening", "superposition.whitening"),
-    "predictions": rule_code_hash(
-        "fact_predictions", "superposition.facts", "superposition.keys"
-    ),
-    "known": rule_code_hash("known_facts", "superposition.facts"),
-    "keys": rule_code_hash("keys", "superposition.facts", "superposition.keys"),
-    "matrices": rule_code_hash("matrices", "superposition.matrices"),
-    "summaries": rule_code_hash(
-        "summaries", "superposition.summaries", "superposition.matrices"
-    ),
-    "kurtosis_vs_m": rule_code_hash("kurtosis_vs_m", "superposition.summaries"),
-    "editing": rule_code_hash(
-        "lifelong_edit", "superposition.editing", "superposition.keys"
-    ),
-}
+# What each rule's outputs depend on is derived, never listed: one param per result key of the config the rule
+# reads (declared in the schema) and one per library module its script reaches (superposition.fingerprint).
+# Execution keys (batching, checkpoints, device) are not params: the jobs read them from the config and record
+# them in their artifacts' provenance.
+SCRIPTS = Path(workflow.basedir) / "workflow" / "scripts"
+
+
+def rule_params(rule):
+    """Params of ``rule``: its result keys as 'facts.m = 128' and its code as 'superposition.stats code <hash>'."""
+    return {
+        **sp_settings.result_params(config, rule),
+        **code_params(SCRIPTS / f"{rule}.py"),
+    }
 
 
 wildcard_constraints:
@@ -78,8 +70,17 @@ def every_layer_of(model):
     return list(range(sp_config.n_layers_of(spec, RESULTS)))
 
 
+# The statistics blocks of each model: existing blocks are reused (adding layers runs statistics for the new
+# layers only); the plan says so when that differs from what the config alone would give.
+BLOCKS = {}
+for _model in MODELS:
+    BLOCKS[_model], _notes = sp_config.layer_blocks(config, _model)
+    for _note in _notes:
+        logger.info(_note)
+
+
 def blocks_of(model):
-    return sp_config.layer_blocks(config, model)
+    return BLOCKS[model]
 
 
 def block_of(model, layer):
@@ -131,9 +132,7 @@ def matrix_files(model):
 
 
 def study_layers(model):
-    from superposition.pipeline import study_layers as pick
-
-    return pick(layers_of(model))
+    return sp_config.study_layers(layers_of(model))
 
 
 def first_layer(model):

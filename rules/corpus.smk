@@ -14,7 +14,6 @@ rule corpus_shards:
     resources:
         mem_mb=4000,
     params:
-        corpus=config["corpus"],
-        code=CODE["corpus"],
+        **rule_params("corpus_shards"),
     script:
         "../workflow/scripts/corpus_shards.py"

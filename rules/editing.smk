@@ -30,11 +30,7 @@ rule lifelong_edit:
     resources:
         mem_mb=8000,
     params:
-        layer=lambda w: int(w.layer),
-        facts=config["facts"],
-        stats=config["stats"],
-        editing=config["editing"],
-        code=CODE["editing"],
+        **rule_params("lifelong_edit"),
     script:
         "../workflow/scripts/lifelong_edit.py"
 
@@ -75,10 +71,6 @@ rule figure_editing:
     conda:
         "../envs/superposition.yaml"
     params:
-        layer=lambda w: int(w.layer),
-        dpi=config["plots"]["dpi"],
-        code=rule_code_hash(
-            "figure_editing", "superposition.plots", "superposition.summaries"
-        ),
+        **rule_params("figure_editing"),
     script:
         "../workflow/scripts/figure_editing.py"

@@ -18,8 +18,8 @@ rule export_rome:
         "../envs/superposition.yaml"
     threads: 1
     params:
+        **rule_params("export_rome"),
         layer=lambda w: layer_of_module(w.module),
-        code=CODE["export"],
     script:
         "../workflow/scripts/export_rome.py"
 

@@ -14,9 +14,7 @@ rule fact_predictions:
     resources:
         mem_mb=8000,
     params:
-        facts=config["facts"],
-        stats=config["stats"],
-        code=CODE["predictions"],
+        **rule_params("fact_predictions"),
     script:
         "../workflow/scripts/fact_predictions.py"
 
@@ -36,11 +34,10 @@ rule known_facts:
         "../envs/superposition.yaml"
     threads: 1
     params:
+        **rule_params("known_facts"),
         # the model list matters only to the known-fact filter; with explicit case_ids adding a model
         # must not rerun the selection (and so every model's keys and matrices)
         models=MODELS if USE_KNOWN_FILTER else [],
-        facts=config["facts"],
-        code=CODE["known"],
     script:
         "../workflow/scripts/known_facts.py"
 
@@ -61,9 +58,7 @@ rule keys:
     resources:
         mem_mb=8000,
     params:
+        **rule_params("keys"),
         layers=lambda w: every_layer_of(w.model),
-        facts=config["facts"],
-        stats=config["stats"],
-        code=CODE["keys"],
     script:
         "../workflow/scripts/keys.py"

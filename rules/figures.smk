@@ -17,9 +17,8 @@ rule figure_heatmaps:
     conda:
         "../envs/superposition.yaml"
     params:
+        **rule_params("figure_heatmaps"),
         layers=lambda w: layers_of(w.model),
-        dpi=config["plots"]["dpi"],
-        code=rule_code_hash("figure_heatmaps", "superposition.plots"),
     script:
         "../workflow/scripts/figure_heatmaps.py"
 
@@ -43,8 +42,7 @@ rule figure_kde:
     conda:
         "../envs/superposition.yaml"
     params:
-        dpi=config["plots"]["dpi"],
-        code=rule_code_hash("figure_kde", "superposition.plots"),
+        **rule_params("figure_kde"),
     script:
         "../workflow/scripts/figure_kde.py"
 
@@ -68,8 +66,7 @@ rule figure_kurtosis_vs_m:
     conda:
         "../envs/superposition.yaml"
     params:
-        dpi=config["plots"]["dpi"],
-        code=rule_code_hash("figure_kurtosis_vs_m", "superposition.plots"),
+        **rule_params("figure_kurtosis_vs_m"),
     script:
         "../workflow/scripts/figure_kurtosis_vs_m.py"
 
@@ -93,9 +90,8 @@ rule figure_p_across_models:
     conda:
         "../envs/superposition.yaml"
     params:
+        **rule_params("figure_p_across_models"),
         layers=[first_layer(m) for m in MODELS],
-        dpi=config["plots"]["dpi"],
-        code=rule_code_hash("figure_across_models", "superposition.plots"),
     script:
         "../workflow/scripts/figure_p_across_models.py"
 
@@ -119,8 +115,7 @@ rule figure_kde_across_models:
     conda:
         "../envs/superposition.yaml"
     params:
-        dpi=config["plots"]["dpi"],
-        code=rule_code_hash("figure_kde_across_models", "superposition.plots"),
+        **rule_params("figure_kde_across_models"),
     script:
         "../workflow/scripts/figure_kde_across_models.py"
 
@@ -144,8 +139,7 @@ rule figure_kurtosis_vs_layer:
     conda:
         "../envs/superposition.yaml"
     params:
-        dpi=config["plots"]["dpi"],
-        code=rule_code_hash("figure_kurtosis_vs_layer", "superposition.plots"),
+        **rule_params("figure_kurtosis_vs_layer"),
     script:
         "../workflow/scripts/figure_kurtosis_vs_layer.py"
 
@@ -169,8 +163,7 @@ rule figure_angles:
     conda:
         "../envs/superposition.yaml"
     params:
-        dpi=config["plots"]["dpi"],
-        code=rule_code_hash("figure_angles", "superposition.plots"),
+        **rule_params("figure_angles"),
     script:
         "../workflow/scripts/figure_angles.py"
 
@@ -194,7 +187,6 @@ rule figure_kurtosis_vs_size:
     conda:
         "../envs/superposition.yaml"
     params:
-        dpi=config["plots"]["dpi"],
-        code=rule_code_hash("figure_kurtosis_vs_size", "superposition.plots"),
+        **rule_params("figure_kurtosis_vs_size"),
     script:
         "../workflow/scripts/figure_kurtosis_vs_size.py"

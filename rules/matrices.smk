@@ -5,8 +5,7 @@ rule matrices:
         whitening=res("whitening/{model}/layer-{layer}.h5"),
         selection=res("facts/selection.json"),
     output:
-        h5=res("matrices/{model}/layer-{layer}.h5"),
-        top_pairs=res("matrices/{model}/layer-{layer}.top_pairs.tsv"),
+        res("matrices/{model}/layer-{layer}.h5"),
     log:
         res("logs/matrices/{model}/layer-{layer}.log"),
     benchmark:
@@ -17,8 +16,30 @@ rule matrices:
     resources:
         mem_mb=2000,
     params:
-        facts=config["facts"],
-        n_top=config["matrices"]["top_pairs"],
-        code=CODE["matrices"],
+        **rule_params("matrices"),
     script:
         "../workflow/scripts/matrices.py"
+
+
+# A table that presents the matrices: its length is a presentation setting that never reruns them.
+rule top_pairs:
+    input:
+        model=res("models/{model}/model.json"),
+        matrices=res("matrices/{model}/layer-{layer}.h5"),
+        selection=res("facts/selection.json"),
+        facts=facts_input(),
+    output:
+        res("matrices/{model}/layer-{layer}.top_pairs.tsv"),
+    log:
+        res("logs/top_pairs/{model}/layer-{layer}.log"),
+    benchmark:
+        res("benchmarks/top_pairs/{model}/layer-{layer}.tsv")
+    conda:
+        "../envs/superposition.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+    params:
+        **rule_params("top_pairs"),
+    script:
+        "../workflow/scripts/top_pairs.py"

@@ -11,8 +11,6 @@ rule model_snapshot:
     resources:
         mem_mb=8000,
     params:
-        entry=lambda w: config["models"][w.model],
-        cache_dir=config["cache_dir"],
-        code=CODE["models"],
+        **rule_params("model_snapshot"),
     script:
         "../workflow/scripts/model_snapshot.py"

@@ -14,12 +14,11 @@ rule activation_stats:
     resources:
         mem_mb=16000,
     params:
+        **rule_params("activation_stats"),
         layers=lambda w: sp_config.block_layers(w.block),
-        stats=config["stats"],
         checkpoint=lambda w: res(
             f"checkpoints/{w.model}/shard-{w.shard}.block-{w.block}.h5"
         ),
-        code=CODE["stats"],
     script:
         "../workflow/scripts/activation_stats.py"
 
@@ -41,7 +40,7 @@ rule covariance:
     resources:
         mem_mb=4000,
     params:
-        code=CODE["merge"],
+        **rule_params("covariance"),
     script:
         "../workflow/scripts/covariance.py"
 
@@ -62,7 +61,6 @@ rule whitening:
     resources:
         mem_mb=4000,
     params:
-        ridge=config["whitening"]["ridge"],
-        code=CODE["whitening"],
+        **rule_params("whitening"),
     script:
         "../workflow/scripts/whitening.py"

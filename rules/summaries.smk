@@ -4,13 +4,12 @@ rule summaries:
         matrices=lambda w: matrix_files(w.model),
         selection=res("facts/selection.json"),
     output:
-        table=report(
+        report(
             res("summaries/{model}/layers.tsv"),
             caption="../report/summaries.rst",
             category="Tables",
             labels={"model": "{model}", "table": "per-layer statistics"},
         ),
-        kde=res("summaries/{model}/kde.h5"),
     log:
         res("logs/summaries/{model}.log"),
     benchmark:
@@ -19,11 +18,32 @@ rule summaries:
         "../envs/superposition.yaml"
     threads: 1
     params:
+        **rule_params("summaries"),
         layers=lambda w: layers_of(w.model),
-        kde_grid=config["summaries"]["kde_grid"],
-        code=CODE["summaries"],
     script:
         "../workflow/scripts/summaries.py"
+
+
+# Density curves on a grid: the grid is a presentation setting that never reruns the statistics table.
+rule kde:
+    input:
+        model=res("models/{model}/model.json"),
+        matrices=lambda w: matrix_files(w.model),
+        selection=res("facts/selection.json"),
+    output:
+        res("summaries/{model}/kde.h5"),
+    log:
+        res("logs/kde/{model}.log"),
+    benchmark:
+        res("benchmarks/kde/{model}.tsv")
+    conda:
+        "../envs/superposition.yaml"
+    threads: 1
+    params:
+        **rule_params("kde"),
+        layers=lambda w: layers_of(w.model),
+    script:
+        "../workflow/scripts/kde.py"
 
 
 rule kurtosis_vs_m:
@@ -49,8 +69,7 @@ rule kurtosis_vs_m:
         "../envs/superposition.yaml"
     threads: 1
     params:
+        **rule_params("kurtosis_vs_m"),
         layers=lambda w: study_layers(w.model),
-        m_values=config["summaries"]["m_values"],
-        code=CODE["kurtosis_vs_m"],
     script:
         "../workflow/scripts/kurtosis_vs_m.py"

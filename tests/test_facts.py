@@ -3,7 +3,9 @@ import json
 
 import pytest
 
-from superposition import facts, pipeline
+from superposition import facts
+from superposition.jobs import facts as facts_job
+from superposition.settings import rule_settings
 
 
 def test_probe_set_shape():
@@ -12,7 +14,6 @@ def test_probe_set_shape():
     assert len(probe) >= 400
     relations = collections.Counter(f.relation_id for f in probe)
     assert len(relations) >= 10 and all(relations[r] >= 20 for r in list(relations)[:10])
-    facts.check_subjects(probe)
     assert [f.case_id for f in probe] == list(range(len(probe)))
     assert len({(f.subject, f.relation_id) for f in probe}) == len(probe)
 
@@ -71,13 +72,17 @@ def test_known_filter_keeps_predicted_and_drops_unpredicted(tmp_path, smollm2_sn
     ]
     path = tmp_path / "facts.json"
     path.write_text(json.dumps(records))
-    cfg = {"source": "file", "path": str(path), "m": 1, "batch_size": 8}
+    # the rules' settings, the schema's defaults filled in
+    settings = rule_settings({"facts": {"source": "file", "path": str(path), "m": 1, "batch_size": 8},
+                              "stats": {"device": "cpu"}}, "known_facts")
+    cfg = {**settings["facts"], "batch_size": 8}
+    stats_cfg = rule_settings({"stats": {"device": "cpu"}}, "fact_predictions")["stats"]
     model_json = tmp_path / "model.json"
     model_json.write_text(json.dumps(smollm2_snapshot))
-    pipeline.fact_predictions(str(model_json), cfg, {"device": "cpu"}, str(tmp_path / "pred.tsv"))
-    rows = pipeline.read_predictions(str(tmp_path / "pred.tsv"))
+    facts_job.fact_predictions(str(model_json), cfg, stats_cfg, str(tmp_path / "pred.tsv"))
+    rows = facts_job.read_predictions(str(tmp_path / "pred.tsv"))
     assert [r["known"] for r in rows] == ["1", "0"]
     assert rows[0]["predicted_token"] == "ĠParis" and float(rows[0]["margin"]) > 0 > float(rows[1]["margin"])
-    selection = pipeline.known_facts(["smollm2"], [str(tmp_path / "pred.tsv")], cfg, str(tmp_path / "known.tsv"),
+    selection = facts_job.known_facts(["smollm2"], [str(tmp_path / "pred.tsv")], cfg, str(tmp_path / "known.tsv"),
                                      str(tmp_path / "sel.json"))
     assert selection["selected"] == [10] and selection["known_per_model"] == {"smollm2": 1}

@@ -267,11 +267,6 @@ def test_token_batches_avoid_the_padding_of_greedy_filling():
     assert stats.token_batches([5000, 10, 10], 4096, 64, 64) == [[0], [1, 2]]
 
 
-def test_layer_blocks():
-    assert stats.layer_blocks(5, [0, 1, 2, 3, 4], None) == [[0, 1, 2, 3, 4]]
-    assert stats.layer_blocks(5, [4, 0, 1, 2, 3], 2) == [[0, 1], [2, 3], [4]]
-
-
 def test_block_names_and_plans_reuse_existing_statistics():
     from superposition.config import block_layers, block_name, plan_blocks
 

@@ -27,11 +27,15 @@ def model_specs(config: dict[str, Any]) -> dict[str, ModelSpec]:
 
 def n_layers_of(spec: ModelSpec, results: str | Path = DEFAULT_RESULTS) -> int:
     """Layer count without loading the model: config, an existing snapshot manifest, or a local config.json."""
-    if spec.n_layers is not None:
-        return int(spec.n_layers)
     manifest = Path(results) / "models" / spec.name / "model.json"
-    if manifest.is_file():
-        return int(json.loads(manifest.read_text())["n_layers"])
+    snapshot_layers = int(json.loads(manifest.read_text())["n_layers"]) if manifest.is_file() else None
+    if spec.n_layers is not None:
+        if snapshot_layers is not None and snapshot_layers != spec.n_layers:
+            raise ConfigError(f"models.{spec.name}.n_layers is {spec.n_layers} but the snapshot {manifest} has "
+                              f"{snapshot_layers} layers: fix n_layers, or delete the snapshot if the model changed")
+        return int(spec.n_layers)
+    if snapshot_layers is not None:
+        return snapshot_layers
     candidates = []
     if spec.source == "local":
         candidates.append(Path(spec.path).expanduser() / "config.json")
@@ -121,11 +125,33 @@ def plan_blocks(layers: list[int], size: int | None, existing: list[list[int]] =
     return sorted(blocks)
 
 
-def layer_blocks(config: dict[str, Any], name: str) -> list[list[int]]:
-    """Layer blocks of one model's statistics jobs (see ``plan_blocks``)."""
+def layer_blocks(config: dict[str, Any], name: str) -> tuple[list[list[int]], list[str]]:
+    """Layer blocks of one model's statistics jobs (see ``plan_blocks``) and notes for the log.
+
+    The plan is the config's (the analysed layers in chunks of ``layer_block_size``) except where statistics
+    blocks already exist on disk: those are reused, and the notes say so, naming the blocks, so that a changed
+    block size never goes unnoticed (it applies to layers without statistics only).
+    """
     layers = model_layers(config, name)
-    size = (config["models"][name] or {}).get("layer_block_size", config["stats"].get("layer_block_size"))
-    return plan_blocks(layers, size, existing_blocks(config.get("results", DEFAULT_RESULTS), name))
+    size = (config["models"][name] or {}).get("layer_block_size", (config.get("stats") or {}).get("layer_block_size"))
+    existing = existing_blocks(config.get("results", DEFAULT_RESULTS), name)
+    blocks = plan_blocks(layers, size, existing)
+    fresh = plan_blocks(layers, size)
+    notes = []
+    if blocks != fresh:
+        reused = [block_name(b) for b in blocks if b in existing]
+        notes.append(
+            f"{name}: reusing the existing statistics blocks {', '.join(reused)} (results/stats/{name}); the "
+            f"configured layer_block_size={size} alone would plan {', '.join(block_name(b) for b in fresh)} and "
+            f"applies to layers without statistics only. Delete {config.get('results', DEFAULT_RESULTS)}/stats/"
+            f"{name}/ to replan (this recomputes the statistics).")
+    return blocks, notes
+
+
+def study_layers(layers: list[int]) -> list[int]:
+    """First, middle and last of the analysed layers (the kurtosis-vs-m study)."""
+    layers = sorted(layers)
+    return sorted({layers[0], layers[len(layers) // 2], layers[-1]})
 
 
 def edit_layer(config: dict[str, Any], name: str) -> int:

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 COUNTERFACT_URL = "https://rome.baulab.info/data/dsets/counterfact.json"
 
@@ -114,14 +114,6 @@ def download_counterfact(cache_dir: str | os.PathLike) -> Path:
         urllib.request.urlretrieve(COUNTERFACT_URL, tmp)
         os.replace(tmp, target)
     return target
-
-
-def check_subjects(facts: Iterable[Fact]) -> None:
-    """Every subject must occur in its own prompt text where '{}' stands."""
-    for fact in facts:
-        start, end = fact.subject_span
-        if fact.text[start:end] != fact.subject:
-            raise FactError(f"case_id {fact.case_id}: subject {fact.subject!r} does not occur in its prompt")
 
 
 def select_known(case_ids: Sequence[int], known_by_model: dict[str, dict[int, bool]], m: int) -> tuple[list[int], dict[str, int]]:

@@ -220,7 +220,7 @@ def snapshot(spec: ModelSpec, out_dir: str | os.PathLike, cache_dir: str | os.Pa
             f"models.{spec.name}.n_layers is {spec.n_layers} in the config but the model has {manifest['n_layers']}"
         )
     manifest["n_params"] = count_parameters(manifest["path"])
-    manifest["params_millions"] = spec.params_millions or round(manifest["n_params"] / 1e6, 1)
+    manifest["params_millions"] = round(manifest["n_params"] / 1e6, 1)  # counted; figures may use the config's
     manifest["environment"] = environment()
     write_json(out_dir / "model.json", manifest)
     return manifest

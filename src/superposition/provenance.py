@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import json
 import os
 import platform
@@ -20,36 +19,6 @@ from . import __version__
 
 class ProvenanceError(ValueError):
     """An artifact does not belong to what its consumer expects (other model, width, corpus, layer...)."""
-
-
-def module_hash(*modules: str) -> str:
-    """sha256 over the source files of the given modules, without importing them.
-
-    Snakemake does not see which library code a script imports; rules pass this as a param so that
-    editing e.g. ``superposition.stats`` reruns exactly the rules that use it.
-    """
-    digest = hashlib.sha256()
-    for name in sorted(modules):
-        spec = importlib.util.find_spec(name)
-        if spec is None or spec.origin is None:
-            raise ImportError(f"cannot locate module {name!r} to hash it")
-        digest.update(name.encode())
-        digest.update(Path(spec.origin).read_bytes())
-    return digest.hexdigest()[:16]
-
-
-def rule_code_hash(function: str, *modules: str) -> str:
-    """Hash of one ``superposition.pipeline`` function's source plus the library modules it relies on.
-
-    Finer than hashing all of pipeline.py: editing one rule's function reruns that rule only.
-    """
-    import inspect
-
-    from . import pipeline
-
-    digest = hashlib.sha256(inspect.getsource(getattr(pipeline, function)).encode())
-    digest.update(module_hash(*modules).encode() if modules else b"")
-    return digest.hexdigest()[:16]
 
 
 def code_version() -> str:

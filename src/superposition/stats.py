@@ -44,15 +44,6 @@ class StopForward(Exception):
     """Raised by the last hook: nothing after the last requested layer is computed."""
 
 
-def layer_blocks(n_layers: int, layers: Sequence[int], block_size: int | None) -> list[list[int]]:
-    """Split the requested layers into jobs of at most ``block_size`` layers (None: one job)."""
-    layers = sorted(set(int(x) for x in layers))
-    check_layers(layers, n_layers, "model")
-    if not block_size:
-        return [layers]
-    return [layers[i:i + block_size] for i in range(0, len(layers), block_size)]
-
-
 def token_batches(lengths: Sequence[int], max_tokens: int, max_batch: int,
                   overhead_tokens: int = 64) -> list[list[int]]:
     """Deterministic batches of document indices that waste the least work on padding.

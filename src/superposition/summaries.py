@@ -16,7 +16,7 @@ import numpy as np
 import scipy.stats
 
 from .matrices import NAMES, off_diagonal
-from .provenance import atomic_path, set_attrs
+from .provenance import ProvenanceError, atomic_path, get_attrs, open_h5, set_attrs
 
 SMALL = 0.05  # |entry| below this counts as "near zero" (near-orthogonal in whitening space for P)
 ANGLE_BAND = 5.0  # degrees around 90
@@ -116,6 +116,20 @@ def write_kdes(path, grid: np.ndarray, curves: dict[str, dict[int, np.ndarray]],
                 for layer, density in per_layer.items():
                     f.create_dataset(f"{name}_angle/layer_{layer}", data=density)
             set_attrs(f, {**record, "bandwidth": "scott"})
+
+
+def read_kdes(path, *, model: str) -> dict[str, Any]:
+    """The curves of ``write_kdes``: grids as arrays, each group as {layer: density}; the model is checked."""
+    with open_h5(path, "density curves") as f:
+        attrs = get_attrs(f)
+        if attrs.get("model") != model:
+            raise ProvenanceError(f"{path} holds density curves of model {attrs.get('model')!r}, expected {model!r}; "
+                                  f"rerun the kde rule")
+        out: dict[str, Any] = {"grid": f["grid"][()], "angle_grid_deg": f["angle_grid_deg"][()]}
+        for group in f:
+            if isinstance(f[group], h5py.Group):
+                out[group] = {int(name.split("_")[1]): f[group][name][()] for name in f[group]}
+    return out
 
 
 def kurtosis_vs_m(K: np.ndarray, cholesky: np.ndarray, m_values: Sequence[int]) -> list[tuple[int, float]]:

@@ -1,11 +1,13 @@
-from superposition import pipeline
+from superposition.jobs import execution_of, start_job
+from superposition.jobs.stats import activation_stats
 
-pipeline.start_job(snakemake.log[0], snakemake.threads)
-pipeline.activation_stats(
+cfg = start_job(snakemake, torch_threads=True)
+activation_stats(
     snakemake.input.model,
     snakemake.input.shard,
     snakemake.params.layers,
-    snakemake.params.stats,
+    cfg["stats"],
     snakemake.output[0],
     snakemake.params.checkpoint,
+    execution_of(snakemake),
 )

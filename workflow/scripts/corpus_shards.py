@@ -1,9 +1,10 @@
-from superposition import pipeline
+from superposition.jobs import start_job
+from superposition.jobs.corpus import corpus_shards
 
-pipeline.start_job(snakemake.log[0], snakemake.threads)
-pipeline.corpus_shards(
+cfg = start_job(snakemake)
+corpus_shards(
     snakemake.input.model,
-    snakemake.params.corpus,
+    cfg["corpus"],
     list(snakemake.output.shards),
     snakemake.output.manifest,
 )

@@ -1,7 +1,8 @@
-from superposition import pipeline
+from superposition.jobs import start_job
+from superposition.jobs.covariance import covariance
 
-pipeline.start_job(snakemake.log[0], snakemake.threads)
-pipeline.covariance(
+start_job(snakemake)
+covariance(
     snakemake.input.model,
     snakemake.input.manifest,
     list(snakemake.input.stats),

@@ -1,10 +1,11 @@
-from superposition import pipeline
+from superposition.jobs import start_job
+from superposition.jobs.covariance import export_rome
 
-pipeline.start_job(snakemake.log[0], snakemake.threads)
-pipeline.export_rome(
+start_job(snakemake)
+export_rome(
     snakemake.input.model,
     snakemake.input.covariance,
     snakemake.input.manifest,
-    int(snakemake.params.layer),
+    snakemake.params.layer,
     snakemake.output[0],
 )

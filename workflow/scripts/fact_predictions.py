@@ -1,9 +1,5 @@
-from superposition import pipeline
+from superposition.jobs import facts_source, start_job
+from superposition.jobs.facts import fact_predictions
 
-pipeline.start_job(snakemake.log[0], snakemake.threads)
-pipeline.fact_predictions(
-    snakemake.input.model,
-    snakemake.params.facts,
-    snakemake.params.stats,
-    snakemake.output[0],
-)
+cfg = start_job(snakemake, torch_threads=True)
+fact_predictions(snakemake.input.model, facts_source(cfg), cfg["stats"], snakemake.output[0])

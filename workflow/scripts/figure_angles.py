@@ -1,10 +1,12 @@
-from superposition import pipeline
+from superposition.jobs import model_sizes, start_job
+from superposition.jobs.figures import figure_angles
 
-pipeline.start_job(snakemake.log[0], None)
-pipeline.figure_angles(
+cfg = start_job(snakemake)
+figure_angles(
     list(snakemake.input.models),
     list(snakemake.input.kde),
+    model_sizes(cfg),
     snakemake.output.png,
     snakemake.output.pdf,
-    snakemake.params.dpi,
+    cfg["plots"]["dpi"],
 )

@@ -1,15 +1,17 @@
-from superposition import pipeline
+from superposition.jobs import model_sizes, start_job
+from superposition.jobs.figures import figure_editing
 
-pipeline.start_job(snakemake.log[0], snakemake.threads)
-pipeline.figure_editing(
+cfg = start_job(snakemake)
+figure_editing(
     snakemake.input.model,
     snakemake.input.steps,
     snakemake.input.facts,
-    int(snakemake.params.layer),
+    int(snakemake.wildcards.layer),
+    model_sizes(cfg),
     snakemake.output.curves_png,
     snakemake.output.curves_pdf,
     snakemake.output.scatter_png,
     snakemake.output.scatter_pdf,
     snakemake.output.separation,
-    snakemake.params.dpi,
+    cfg["plots"]["dpi"],
 )

@@ -1,10 +1,12 @@
-from superposition import pipeline
+from superposition.jobs import model_sizes, start_job
+from superposition.jobs.figures import figure_kde
 
-pipeline.start_job(snakemake.log[0], None)
-pipeline.figure_kde(
+cfg = start_job(snakemake)
+figure_kde(
     snakemake.input.model,
     snakemake.input.kde,
+    model_sizes(cfg),
     snakemake.output.png,
     snakemake.output.pdf,
-    snakemake.params.dpi,
+    cfg["plots"]["dpi"],
 )

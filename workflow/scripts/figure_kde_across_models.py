@@ -1,10 +1,12 @@
-from superposition import pipeline
+from superposition.jobs import model_sizes, start_job
+from superposition.jobs.figures import figure_kde_across_models
 
-pipeline.start_job(snakemake.log[0], None)
-pipeline.figure_kde_across_models(
+cfg = start_job(snakemake)
+figure_kde_across_models(
     list(snakemake.input.models),
     list(snakemake.input.kde),
+    model_sizes(cfg),
     snakemake.output.png,
     snakemake.output.pdf,
-    snakemake.params.dpi,
+    cfg["plots"]["dpi"],
 )

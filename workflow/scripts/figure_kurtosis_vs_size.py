@@ -1,10 +1,12 @@
-from superposition import pipeline
+from superposition.jobs import model_sizes, start_job
+from superposition.jobs.figures import figure_kurtosis_vs_size
 
-pipeline.start_job(snakemake.log[0], None)
-pipeline.figure_kurtosis_vs_size(
+cfg = start_job(snakemake)
+figure_kurtosis_vs_size(
     list(snakemake.input.models),
     list(snakemake.input.tables),
+    model_sizes(cfg),
     snakemake.output.png,
     snakemake.output.pdf,
-    snakemake.params.dpi,
+    cfg["plots"]["dpi"],
 )

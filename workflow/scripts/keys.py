@@ -1,11 +1,13 @@
-from superposition import pipeline
+from superposition.jobs import execution_of, facts_source, start_job
+from superposition.jobs.keys import keys
 
-pipeline.start_job(snakemake.log[0], snakemake.threads)
-pipeline.keys(
+cfg = start_job(snakemake, torch_threads=True)
+keys(
     snakemake.input.model,
     snakemake.input.selection,
     snakemake.params.layers,
-    snakemake.params.facts,
-    snakemake.params.stats,
+    facts_source(cfg),
+    cfg["stats"],
     snakemake.output[0],
+    execution_of(snakemake),
 )

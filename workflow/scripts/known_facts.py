@@ -1,10 +1,11 @@
-from superposition import pipeline
+from superposition.jobs import facts_source, start_job
+from superposition.jobs.facts import known_facts
 
-pipeline.start_job(snakemake.log[0], snakemake.threads)
-pipeline.known_facts(
+cfg = start_job(snakemake)
+known_facts(
     snakemake.params.models,
     list(snakemake.input.predictions),
-    snakemake.params.facts,
+    facts_source(cfg),
     snakemake.output.table,
     snakemake.output.selection,
 )

@@ -1,11 +1,12 @@
-from superposition import pipeline
+from superposition.jobs import start_job
+from superposition.jobs.summaries import kurtosis_vs_m
 
-pipeline.start_job(snakemake.log[0], snakemake.threads)
-pipeline.kurtosis_vs_m(
+cfg = start_job(snakemake)
+kurtosis_vs_m(
     snakemake.input.model,
     snakemake.input.fact_keys,
     list(snakemake.input.whitening),
     snakemake.params.layers,
-    snakemake.params.m_values,
+    cfg["summaries"]["m_values"],
     snakemake.output[0],
 )

@@ -1,16 +1,17 @@
-from superposition import pipeline
+from superposition.jobs import facts_source, start_job
+from superposition.jobs.editing import lifelong_edit
 
-pipeline.start_job(snakemake.log[0], snakemake.threads)
-pipeline.lifelong_edit(
+cfg = start_job(snakemake, torch_threads=True)
+lifelong_edit(
     snakemake.input.model,
     snakemake.input.fact_keys,
     snakemake.input.whitening,
     snakemake.input.covariance,
     snakemake.input.selection,
-    snakemake.params.facts,
-    snakemake.params.stats,
-    snakemake.params.editing,
-    int(snakemake.params.layer),
+    facts_source(cfg),
+    cfg["stats"],
+    cfg["editing"],
+    int(snakemake.wildcards.layer),
     snakemake.output.steps,
     snakemake.output.facts,
     snakemake.output.h5,

@@ -1,14 +1,12 @@
-from superposition import pipeline
+from superposition.jobs import start_job
+from superposition.jobs.matrices import matrices
 
-pipeline.start_job(snakemake.log[0], snakemake.threads)
-pipeline.matrices(
+start_job(snakemake)
+matrices(
     snakemake.input.model,
     snakemake.input.fact_keys,
     snakemake.input.whitening,
     snakemake.input.selection,
-    snakemake.params.facts,
     int(snakemake.wildcards.layer),
-    snakemake.params.n_top,
-    snakemake.output.h5,
-    snakemake.output.top_pairs,
+    snakemake.output[0],
 )

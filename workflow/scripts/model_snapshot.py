@@ -1,9 +1,10 @@
-from superposition import pipeline
+from superposition.jobs import start_job
+from superposition.jobs.snapshot import model_snapshot
 
-pipeline.start_job(snakemake.log[0], snakemake.threads)
-pipeline.model_snapshot(
+cfg = start_job(snakemake)
+model_snapshot(
     snakemake.wildcards.model,
-    snakemake.params.entry,
+    snakemake.config["models"][snakemake.wildcards.model],
     snakemake.output[0],
-    snakemake.params.cache_dir,
+    cfg["cache_dir"],
 )

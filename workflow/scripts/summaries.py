@@ -1,12 +1,11 @@
-from superposition import pipeline
+from superposition.jobs import start_job
+from superposition.jobs.summaries import summaries
 
-pipeline.start_job(snakemake.log[0], snakemake.threads)
-pipeline.summaries(
+start_job(snakemake)
+summaries(
     snakemake.input.model,
     list(snakemake.input.matrices),
     snakemake.params.layers,
     snakemake.input.selection,
-    snakemake.params.kde_grid,
-    snakemake.output.table,
-    snakemake.output.kde,
+    snakemake.output[0],
 )

@@ -1,10 +1,11 @@
-from superposition import pipeline
+from superposition.jobs import start_job
+from superposition.jobs.whitening import whitening
 
-pipeline.start_job(snakemake.log[0], snakemake.threads)
-pipeline.whitening(
+cfg = start_job(snakemake)
+whitening(
     snakemake.input.model,
     snakemake.input.covariance,
     int(snakemake.wildcards.layer),
-    float(snakemake.params.ridge),
+    cfg["whitening"]["ridge"],
     snakemake.output[0],
 )

@@ -1,0 +1,78 @@
+"""fact_predictions (each fact's greedy next token) and known_facts (the selection every model knows)."""
+
+from __future__ import annotations
+
+import csv
+from typing import Any, Sequence
+
+from .. import facts as facts_mod
+from .. import keys as keys_mod
+from .. import models
+from ..provenance import ProvenanceError, atomic_path, write_json
+
+PREDICTION_COLUMNS = ["case_id", "relation_id", "subject", "prompt", "target_true", "target_token", "predicted_token",
+                      "known", "margin", "target_prob", "subject_last_token"]
+
+
+def fact_predictions(model_json: str, facts_cfg: dict[str, Any], stats_cfg: dict[str, Any], out_tsv: str) -> None:
+    manifest = models.read_manifest(model_json)
+    # every fact of the file: with explicit case_ids the filter (and so this rule) does not run
+    facts, _ = facts_mod.load_facts({**facts_cfg, "case_ids": None})
+    model, tokenizer = models.load(manifest, stats_cfg["device"], stats_cfg["model_dtype"])
+    run = keys_mod.run_prompts(model, tokenizer, facts, layers=[], predictions=True,
+                               batch_size=facts_cfg["batch_size"])
+    with atomic_path(out_tsv) as tmp:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
+            writer.writerow(PREDICTION_COLUMNS)
+            for i, fact in enumerate(facts):
+                writer.writerow([fact.case_id, fact.relation_id or "", fact.subject, fact.prompt, fact.target_true,
+                                 tokenizer.convert_ids_to_tokens(run.target[i]),
+                                 tokenizer.convert_ids_to_tokens(run.predicted[i]),
+                                 int(run.predicted[i] == run.target[i]), f"{run.margin[i]:.6g}",
+                                 f"{run.target_prob[i]:.6g}", run.token_str[i]])
+    print(f"{manifest['name']}: knows {sum(p == t for p, t in zip(run.predicted, run.target))} of {len(facts)} facts")
+
+
+def read_predictions(path: str) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle, delimiter="\t"))
+    if rows and set(PREDICTION_COLUMNS) - set(rows[0]):
+        raise ProvenanceError(f"{path} lacks columns {sorted(set(PREDICTION_COLUMNS) - set(rows[0]))}")
+    return rows
+
+
+def known_facts(model_names: Sequence[str], prediction_paths: Sequence[str], facts_cfg: dict[str, Any],
+                out_tsv: str, out_selection: str) -> dict[str, Any]:
+    facts, facts_id = facts_mod.load_facts(facts_cfg)
+    case_ids = [f.case_id for f in facts]
+    m = int(facts_cfg["m"])
+    if facts_cfg.get("case_ids"):
+        pool, counts, mode = case_ids, {}, "explicit case_ids (known-fact filter bypassed)"
+        per_model: dict[str, dict[int, dict[str, str]]] = {}
+    else:
+        per_model = {}
+        for name, path in zip(model_names, prediction_paths):
+            rows = read_predictions(path)
+            if [int(r["case_id"]) for r in rows] != case_ids:
+                raise ProvenanceError(f"{path} predicts other facts than the current facts file; rerun fact_predictions")
+            per_model[name] = {int(r["case_id"]): r for r in rows}
+        known = {name: {c: r["known"] == "1" for c, r in rows.items()} for name, rows in per_model.items()}
+        pool, counts = facts_mod.select_known(case_ids, known, m)
+        mode = f"known by all of {', '.join(model_names)} (greedy first token = target)"
+    pool = pool[: int(facts_cfg["pool_size"])]
+    by_id = {f.case_id: f for f in facts}
+    with atomic_path(out_tsv) as tmp:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
+            writer.writerow(["rank", "case_id", "selected", "relation_id", "subject", "prompt", "target_true"]
+                            + [f"margin_{n}" for n in per_model])
+            for rank, c in enumerate(pool):
+                f = by_id[c]
+                writer.writerow([rank, c, int(rank < m), f.relation_id or "", f.subject, f.prompt, f.target_true]
+                                + [per_model[n][c]["margin"] for n in per_model])
+    selection = {"facts": facts_id, "mode": mode, "m": m, "pool": pool, "selected": pool[:m],
+                 "known_per_model": counts, "n_facts": len(facts)}
+    write_json(out_selection, selection)
+    print(f"{len(pool)} facts in the pool, first {m} selected; known per model: {counts}")
+    return selection

@@ -1,0 +1,39 @@
+"""activation_stats: one forward pass over a corpus shard, the float64 sums of k k^T of a block of layers."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from .. import corpus as corpus_mod
+from .. import models
+from .. import stats as stats_mod
+from ..provenance import environment
+
+
+def activation_stats(model_json: str, shard_path: str, layers: Sequence[int], stats_cfg: dict[str, Any],
+                     out_path: str, checkpoint_path: str | None, execution: dict[str, Any] | None = None
+                     ) -> dict[str, Any]:
+    manifest = models.read_manifest(model_json)
+    shard = corpus_mod.read_shard(shard_path, model=manifest["name"])
+    model, tokenizer = models.load(manifest, stats_cfg["device"], stats_cfg["model_dtype"])
+    record = {
+        **models.provenance_of(manifest),
+        **environment(),
+        "corpus_id": shard.attrs["corpus_id"],
+        "corpus_fingerprint": shard.attrs["corpus_fingerprint"],
+        "shard_fingerprint": shard.attrs["token_fingerprint"],
+        "shard": shard.attrs["shard"],
+        "n_shards": shard.attrs["n_shards"],
+        "execution": execution or {},
+    }
+    return stats_mod.collect_second_moments(
+        model, shard.docs, layers, out_path, record,
+        pad_id=tokenizer.pad_token_id,
+        max_tokens=stats_cfg["max_tokens_per_batch"],
+        max_batch=stats_cfg["max_batch_size"],
+        gram_dtype=stats_cfg["gram_dtype"],
+        gram_tokens=stats_cfg["gram_tokens"],
+        allow_tf32=stats_cfg["allow_tf32"],
+        checkpoint_path=checkpoint_path,
+        checkpoint_every=stats_cfg["checkpoint_every"],
+    )

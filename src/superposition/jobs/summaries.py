@@ -1,0 +1,70 @@
+"""summaries (per-layer statistics table), kde (density curves on a grid) and kurtosis_vs_m."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from .. import keys as keys_mod
+from .. import matrices as matrices_mod
+from .. import models
+from .. import summaries as summ
+from .. import whitening as whitening_mod
+from ..provenance import environment, read_json
+
+ANGLE_GRID_DEG = np.linspace(0.0, 180.0, 361)
+
+
+def _layer_matrices(model_json: str, matrix_paths: Sequence[str], layers: Sequence[int], selection_path: str
+                    ) -> tuple[dict[str, Any], dict[str, Any], list[tuple[int, dict[str, np.ndarray], dict]]]:
+    """The manifest, the selection and every layer's matrices (checked against both): m x m each, small."""
+    manifest = models.read_manifest(model_json)
+    selection = read_json(selection_path)
+    per_layer = []
+    for layer, path in zip(layers, matrix_paths):
+        mats, _, attrs = matrices_mod.read_matrices(path, model=manifest["name"], layer=layer,
+                                                    case_ids=selection["selected"])
+        per_layer.append((layer, mats, attrs))
+    return manifest, selection, per_layer
+
+
+def summaries(model_json: str, matrix_paths: Sequence[str], layers: Sequence[int], selection_path: str,
+              out_tsv: str) -> None:
+    manifest, _, each = _layer_matrices(model_json, matrix_paths, layers, selection_path)
+    rows = [summ.layer_row(layer, mats, attrs.get("n_tokens")) for layer, mats, attrs in each]
+    summ.write_table(out_tsv, rows, summ.columns())
+    print(f"{manifest['name']}: summarised {len(rows)} layers")
+
+
+def kde(model_json: str, matrix_paths: Sequence[str], layers: Sequence[int], selection_path: str,
+        kde_grid: Sequence[float], out_kde: str) -> None:
+    manifest, selection, each = _layer_matrices(model_json, matrix_paths, layers, selection_path)
+    grid = np.linspace(float(kde_grid[0]), float(kde_grid[1]), int(kde_grid[2]))
+    curves, angle_curves, q_grids = {"P": {}, "W": {}, "A": {}, "Q": {}}, {"W": {}, "A": {}}, {}
+    for layer, mats, _ in each:
+        for name in ("P", "W", "A"):
+            curves[name][layer] = summ.kde(matrices_mod.off_diagonal(mats[name]), grid)
+        q_off = matrices_mod.off_diagonal(mats["Q"])
+        pad = 0.1 * (q_off.max() - q_off.min())
+        q_grids[layer] = np.linspace(q_off.min() - pad, q_off.max() + pad, len(grid))
+        curves["Q"][layer] = summ.kde(q_off, q_grids[layer])
+        for name in ("W", "A"):
+            angle_curves[name][layer] = summ.kde(summ.angles_deg(matrices_mod.off_diagonal(mats[name])),
+                                                 ANGLE_GRID_DEG)
+    summ.write_kdes(out_kde, grid, curves, ANGLE_GRID_DEG, angle_curves, q_grids,
+                    {**models.provenance_of(manifest), **environment(), "layers": list(layers),
+                     "case_ids": selection["selected"]})
+    print(f"{manifest['name']}: density curves of {len(layers)} layers on {len(grid)} points")
+
+
+def kurtosis_vs_m(model_json: str, keys_path: str, whitening_paths: Sequence[str], layers: Sequence[int],
+                  m_values: Sequence[int], out_tsv: str) -> None:
+    manifest = models.read_manifest(model_json)
+    rows = []
+    for layer, path in zip(layers, whitening_paths):
+        K, pool, _ = keys_mod.read_keys(keys_path, model=manifest["name"], layer=layer, d_m=manifest["d_m"])
+        w, _ = whitening_mod.read_whitening(path, model=manifest["name"], layer=layer, d_m=manifest["d_m"])
+        for m, kurt in summ.kurtosis_vs_m(K, w.cholesky, [*m_values, len(pool)]):
+            rows.append({"layer": layer, "m": m, "all_known": int(m == len(pool)), "P_excess_kurtosis": kurt})
+    summ.write_table(out_tsv, rows, ["layer", "m", "all_known", "P_excess_kurtosis"])
