@@ -19,7 +19,7 @@ report: "report/workflow.rst"
 
 rule all:
     input:
-        all_layer_files("matrices/{model}/layer-{layer}.top_pairs.tsv"),
+        expand(res("matrices/{model}/top_pairs.tsv"), model=MODELS),
         expand(res("summaries/{model}/layers.tsv"), model=MODELS),
         expand(res("figures/{model}/p_heatmaps.png"), model=MODELS),
         expand(res("figures/{model}/p_kde.png"), model=MODELS),

@@ -21,19 +21,28 @@ rule matrices:
         "../workflow/scripts/matrices.py"
 
 
-# A table that presents the matrices: its length is a presentation setting that never reruns them.
+# Tables that present the matrices, one job per model: their length is a presentation setting that never
+# reruns the matrices.
 rule top_pairs:
     input:
         model=res("models/{model}/model.json"),
-        matrices=res("matrices/{model}/layer-{layer}.h5"),
+        matrices=lambda w: matrix_files(w.model),
         selection=res("facts/selection.json"),
         facts=facts_input(),
     output:
-        res("matrices/{model}/layer-{layer}.top_pairs.tsv"),
+        report(
+            res("matrices/{model}/top_pairs.tsv"),
+            caption="../report/top_pairs.rst",
+            category="Tables",
+            labels={
+                "model": "{model}",
+                "table": "largest off-diagonal P, every layer",
+            },
+        ),
     log:
-        res("logs/top_pairs/{model}/layer-{layer}.log"),
+        res("logs/top_pairs/{model}.log"),
     benchmark:
-        res("benchmarks/top_pairs/{model}/layer-{layer}.tsv")
+        res("benchmarks/top_pairs/{model}.tsv")
     conda:
         "../envs/superposition.yaml"
     threads: 1
@@ -41,5 +50,6 @@ rule top_pairs:
         mem_mb=1000,
     params:
         **rule_params("top_pairs"),
+        layers=lambda w: layers_of(w.model),
     script:
         "../workflow/scripts/top_pairs.py"

@@ -8,7 +8,6 @@ takes a few minutes; every subprocess is bounded by `timeout`.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil

@@ -7,7 +7,6 @@ explicit position ids, so padding never changes a key.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any, Sequence
 

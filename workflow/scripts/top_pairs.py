@@ -1,13 +1,13 @@
 from superposition.jobs import facts_source, start_job
-from superposition.jobs.matrices import top_pairs
+from superposition.jobs.top_pairs import top_pairs
 
 cfg = start_job(snakemake)
 top_pairs(
     snakemake.input.model,
-    snakemake.input.matrices,
+    list(snakemake.input.matrices),
+    snakemake.params.layers,
     snakemake.input.selection,
     facts_source(cfg),
-    int(snakemake.wildcards.layer),
     cfg["matrices"]["top_pairs"],
     snakemake.output[0],
 )
