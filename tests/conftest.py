@@ -67,3 +67,21 @@ def smollm2(smollm2_snapshot):
     from superposition import models
 
     return models.load(smollm2_snapshot, "cpu", "float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, smollm2_snapshot):
+    """A real run of the whole workflow on a tiny random Llama with SmolLM2's tokenizer (about 50 s)."""
+    from workflow_helpers import make_tiny_model, snakemake, tiny_settings, write_config
+
+    tmp = tmp_path_factory.mktemp("tiny_run")
+    make_tiny_model(tmp, smollm2_snapshot["path"])
+    cfg = write_config(
+        tmp,
+        **tiny_settings(tmp),
+        # every direction of the tiny model's C counts as null space, so the AlphaEdit-style run edits for real
+        editing={"n_edits": 2, "eval_every": 1, "value_steps": 5, "null_space_threshold": 1.0e6,
+                 "save_weights": True},
+    )
+    snakemake("--configfile", str(cfg), "--cores", "2")
+    return tmp, cfg

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import yaml
 
-from test_workflow import make_tiny_model, tiny_settings, write_config
+from workflow_helpers import make_tiny_model, tiny_settings, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILE = REPO / "profiles" / "slurm"

@@ -322,3 +322,30 @@ def test_killed_job_resumes_to_an_identical_result(tmp_path):
     for key in a:
         assert np.array_equal(a[key], b[key])
         assert np.array_equal(a[key], c[key])  # no checkpoint file: the same products, the same bits
+
+
+@pytest.mark.parametrize("damage", ["drop_last_layer", "truncate"])
+def test_a_damaged_checkpoint_is_restored_whole_or_not_at_all(damage, tmp_path):
+    """A checkpoint whose later layer cannot be read must not leave the earlier layers' sums restored."""
+    from pathlib import Path
+
+    script = tmp_path / "job.py"
+    script.write_text(CRASH_SCRIPT.format(tests=str(Path(__file__).parent)))
+    ckpt, out, ref = tmp_path / "ckpt.h5", tmp_path / "out.h5", tmp_path / "ref.h5"
+    crashed = subprocess.run([sys.executable, str(script), "7", str(out), str(ckpt)], capture_output=True, text=True)
+    assert crashed.returncode == 17, crashed.stderr
+    if damage == "drop_last_layer":
+        with h5py.File(ckpt, "a") as f:
+            del f["layer_2"]
+    else:
+        data = ckpt.read_bytes()
+        ckpt.write_bytes(data[: len(data) * 2 // 3])
+    resumed = subprocess.run([sys.executable, str(script), "none", str(out), str(ckpt)], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "not resumed" in resumed.stdout and "resuming from" not in resumed.stdout
+    clean = subprocess.run([sys.executable, str(script), "none", str(ref), ""], capture_output=True, text=True)
+    assert clean.returncode == 0, clean.stderr
+    (a, na), (b, nb) = read_sums(out), read_sums(ref)
+    assert na == nb
+    for key in b:
+        assert np.array_equal(a[key], b[key]), key

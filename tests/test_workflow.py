@@ -12,27 +12,7 @@ import h5py
 import numpy as np
 import pytest
 import yaml
-
-REPO = Path(__file__).resolve().parents[1]
-SNAKEMAKE = [sys.executable, "-m", "snakemake"]
-
-
-def snakemake(*args, cwd=REPO, check=True):
-    proc = subprocess.run([*SNAKEMAKE, *args], cwd=cwd, capture_output=True, text=True, timeout=900)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
-
-
-def job_counts(output: str) -> dict[str, int]:
-    """Parse the 'Job stats' table of a dry run."""
-    counts = {}
-    block = output.split("Job stats:")[1].split("total")[0]
-    for line in block.splitlines():
-        m = re.match(r"^(\w+)\s+(\d+)$", line.strip())
-        if m:
-            counts[m.group(1)] = int(m.group(2))
-    return counts
+from workflow_helpers import REPO, job_counts, snakemake, tiny_settings, write_config
 
 
 def test_default_config_dry_run_lists_the_whole_dag(tmp_path):
@@ -45,17 +25,6 @@ def test_default_config_dry_run_lists_the_whole_dag(tmp_path):
     assert counts["activation_stats"] == 4
     assert counts["covariance"] == counts["whitening"] == counts["matrices"] == 48
     assert counts["fact_predictions"] == 2 and counts["known_facts"] == 1 and counts["keys"] == 2
-
-
-def write_config(tmp_path, **overrides):
-    cfg = yaml.safe_load((REPO / "config/config.yaml").read_text())
-    cfg["results"] = str(tmp_path / "results")
-    cfg["cache_dir"] = str(tmp_path / "cache")
-    for key, value in overrides.items():
-        cfg[key] = value
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 def test_wrong_type_is_a_schema_error_naming_the_key(tmp_path):
@@ -87,54 +56,6 @@ def test_unknown_model_package_is_a_config_error(tmp_path):
     assert "models.x.package is 'nope'" in proc.stdout + proc.stderr
 
 
-def make_tiny_model(tmp: Path, tokenizer_path: str) -> None:
-    """A tiny random Llama with SmolLM2's tokenizer in tmp/tiny and five facts in tmp/facts.json (once)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    if (tmp / "tiny").is_dir():
-        return
-    torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    LlamaForCausalLM(config).save_pretrained(tmp / "tiny")
-    tokenizer.save_pretrained(tmp / "tiny")
-    facts = [{"case_id": i, "requested_rewrite": {"prompt": p, "subject": s, "relation_id": "P", "target_true": {"str": t}}}
-             for i, (p, s, t) in enumerate([("The capital of {} is", "France", "Paris"),
-                                            ("{} is located in", "France", "Europe"),
-                                            ("{} was developed by", "Windows 8.1", "Microsoft"),
-                                            ("{} was developed by", "Mac OS X 10.1", "Apple"),
-                                            ("The capital of {} is", "Japan", "Tokyo")])]
-    (tmp / "facts.json").write_text(json.dumps(facts))
-
-
-def tiny_settings(tmp: Path) -> dict:
-    """Config sections of a small but complete run on the tiny model of ``make_tiny_model``."""
-    return dict(
-        models={"tiny": {"source": "local", "path": str(tmp / "tiny"), "n_layers": 3, "params_millions": 1.6}},
-        corpus={"source": "wiki_offline", "n_documents": 24, "max_length": 48, "n_shards": 2},
-        facts={"source": "file", "path": str(tmp / "facts.json"), "m": 4, "case_ids": [4, 0, 1, 2, 3]},
-        stats={"checkpoint_every": 2, "max_tokens_per_batch": 256},
-    )
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, smollm2_snapshot):
-    """A real run of the whole workflow on a tiny random Llama with SmolLM2's tokenizer."""
-    tmp = tmp_path_factory.mktemp("tiny_run")
-    make_tiny_model(tmp, smollm2_snapshot["path"])
-    cfg = write_config(
-        tmp,
-        **tiny_settings(tmp),
-        # every direction of the tiny model's C counts as null space, so the AlphaEdit-style run edits for real
-        editing={"n_edits": 2, "eval_every": 1, "value_steps": 5, "null_space_threshold": 1.0e6,
-                 "save_weights": True},
-    )
-    snakemake("--configfile", str(cfg), "--cores", "2")
-    return tmp, cfg
-
-
 def test_tiny_workflow_outputs_and_provenance(tiny_run):
     tmp, _ = tiny_run
     res = tmp / "results"
@@ -151,12 +72,22 @@ def test_tiny_workflow_outputs_and_provenance(tiny_run):
             shards = json.loads(f.attrs["shards"])
         assert [s["shard"] for s in shards] == [0, 1]
         np.testing.assert_allclose(C, C.T, atol=0)
+    # execution settings are provenance, not params
+    for shard in (0, 1):
+        with h5py.File(res / f"stats/tiny/shard-{shard}.block-0-2.h5") as f:
+            execution = json.loads(f.attrs["execution"])
+        assert execution["stats.checkpoint_every"] == 2 and execution["stats.max_tokens_per_batch"] == 256
+        assert execution["stats.device"] == "auto"
+    with h5py.File(res / "keys/tiny.h5") as f:
+        assert json.loads(f.attrs["execution"])["facts.batch_size"] == 64
     manifest = json.loads((res / "corpus/tiny/manifest.json").read_text())
     assert manifest["corpus_documents"] == 24 and manifest["n_shards"] == 2
     selection = json.loads((res / "facts/selection.json").read_text())
     assert selection["selected"] == [4, 0, 1, 2] and "bypassed" in selection["mode"]
-    top = (res / "matrices/tiny/layer-0.top_pairs.tsv").read_text().splitlines()
-    assert top[0].startswith("rank\tp\t") and len(top) == 1 + 12
+    top = (res / "matrices/tiny/top_pairs.tsv").read_text().splitlines()
+    # m = 4 facts: all 12 off-diagonal pairs of each of the 3 layers (top_pairs is 20)
+    assert top[0].startswith("layer\trank\tp\t") and len(top) == 1 + 3 * 12
+    assert [line.split("\t")[0] for line in top[1:]] == ["0"] * 12 + ["1"] * 12 + ["2"] * 12
 
 
 def test_lifelong_editing_outputs(tiny_run):
@@ -194,17 +125,6 @@ def test_lifelong_editing_outputs(tiny_run):
     assert int(row["n_forgotten"]) == sum(r["closed_form_forgotten"] == "1" for r in retained)
     assert float(row["max_interference"]) == pytest.approx(
         max(float(r["closed_form_relative_interference"]) for r in retained), rel=1e-6)
-
-
-def test_changing_a_downstream_parameter_does_not_rerun_statistics(tiny_run):
-    tmp, cfg = tiny_run
-    changed = yaml.safe_load(cfg.read_text())
-    changed["matrices"] = {"top_pairs": 3}
-    (tmp / "changed.yaml").write_text(yaml.safe_dump(changed))
-    out = snakemake("-n", "--configfile", str(tmp / "changed.yaml")).stdout
-    counts = job_counts(out)
-    assert counts["matrices"] == 3  # the top-pairs table is a matrices output; what reads them follows
-    assert not {"model_snapshot", "corpus_shards", "activation_stats", "covariance", "whitening", "keys"} & set(counts)
 
 
 def test_rome_export_matches_the_covariance(tiny_run):
@@ -276,7 +196,7 @@ def test_adding_a_model_schedules_only_its_jobs(tiny_run):
     models["tiny-copy"] = dict(models["tiny"])
     counts = dry_run_counts(tmp, cfg, models=models)
     per_model = {"model_snapshot": 1, "corpus_shards": 1, "activation_stats": 2, "covariance": 3, "whitening": 3,
-                 "keys": 1, "matrices": 3, "summaries": 1, "kurtosis_vs_m": 1, "figure_heatmaps": 1, "figure_kde": 1,
+                 "keys": 1, "matrices": 3, "top_pairs": 1, "summaries": 1, "kde": 1, "kurtosis_vs_m": 1, "figure_heatmaps": 1, "figure_kde": 1,
                  "figure_kurtosis_vs_m": 1, "lifelong_edit": 1, "figure_editing": 1}
     across_models = {"figure_p_across_models": 1, "figure_kde_across_models": 1, "figure_kurtosis_vs_layer": 1,
                      "figure_angles": 1, "figure_kurtosis_vs_size": 1, "all": 1}
@@ -309,32 +229,3 @@ def test_adding_layers_runs_statistics_only_for_them_and_leaves_the_other_layers
             h5py.File(tiny_dir / "results/covariance/tiny/layer-2.h5") as b:
         np.testing.assert_allclose(a["C"][()], b["C"][()], rtol=1e-12, atol=0)
         assert a.attrs["n_tokens"] == b.attrs["n_tokens"]
-
-
-def test_changing_kde_grid_reruns_only_summaries_and_figures(tiny_run):
-    tmp, cfg = tiny_run
-    counts = dry_run_counts(tmp, cfg, summaries={"kde_grid": [-2.0, 2.0, 401], "m_values": [16, 32, 64, 128, 256]})
-    assert set(counts) <= {"summaries", "figure_kde", "figure_kde_across_models", "figure_angles",
-                           "figure_kurtosis_vs_layer", "figure_kurtosis_vs_size", "all"}
-    assert counts["summaries"] == 1 and "activation_stats" not in counts
-
-
-def test_changing_the_corpus_size_reruns_statistics_and_everything_after(tiny_run):
-    tmp, cfg = tiny_run
-    corpus = yaml.safe_load(cfg.read_text())["corpus"]
-    counts = dry_run_counts(tmp, cfg, corpus={**corpus, "n_documents": 30})
-    assert counts["corpus_shards"] == 1 and counts["activation_stats"] == 2
-    assert counts["covariance"] == counts["whitening"] == counts["matrices"] == 3
-    assert "model_snapshot" not in counts and "keys" not in counts
-
-
-def test_code_hashes_follow_the_code(tmp_path, monkeypatch):
-    """A rule's code param changes when its module's source does (Snakemake then reruns it)."""
-    from superposition.provenance import module_hash, rule_code_hash
-
-    (tmp_path / "probe_mod.py").write_text("X = 1\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    before = module_hash("probe_mod")
-    (tmp_path / "probe_mod.py").write_text("X = 2\n")
-    assert module_hash("probe_mod") != before
-    assert rule_code_hash("covariance", "superposition.stats") != rule_code_hash("whitening", "superposition.stats")

@@ -42,6 +42,7 @@ class Key:
     rules: tuple[str, ...]
     default: Any
     description: str
+    when: tuple[tuple[str, tuple[Any, ...]], ...] = ()  # (sibling key, values) under which this key matters
 
     @property
     def name(self) -> str:
@@ -77,7 +78,8 @@ def _walk(node: dict[str, Any], path: tuple[str, ...]) -> Iterator[Key]:
         if (kind == "structure") == bool(rules):
             raise SettingsError(f"schema key {'.'.join(path)}: x-rules is required for result and execution keys "
                                 f"and meaningless for structure keys")
-        yield Key(path, kind, rules, node.get("default", _MISSING), node["description"])
+        when = tuple((sibling, tuple(values)) for sibling, values in (node.get("x-when") or {}).items())
+        yield Key(path, kind, rules, node.get("default", _MISSING), node["description"], when)
         if path == ("models",):
             yield from _walk(node["additionalProperties"], ("models", "*"))
         return
@@ -101,6 +103,19 @@ def value_of(config: dict[str, Any], key: Key, model: str | None = None) -> Any:
             return None if key.default is _MISSING else key.default
         node = node[part]
     return node
+
+
+def matters(config: dict[str, Any], key: Key, model: str | None = None) -> bool:
+    """False where the key's x-when says its value is ignored (e.g. corpus.dataset unless corpus.source is
+    hf_datasets): such a value is no param, so changing it reruns nothing."""
+    by_path = {k.path: k for k in declared_keys()}
+    for sibling, values in key.when:
+        other = by_path.get(key.path[:-1] + (sibling,))
+        if other is None:
+            raise SettingsError(f"schema key {key.name}: x-when names {sibling!r}, which is not a sibling key")
+        if value_of(config, other, model) not in values:
+            return False
+    return True
 
 
 def _models_of(config: dict[str, Any], model: str | None) -> list[str]:
@@ -154,13 +169,15 @@ def result_params(config: dict[str, Any], rule: str) -> dict[str, Callable[[Any]
         if key.per_model:
             params[param] = functools.partial(_per_model_param, config, key)
         else:
-            params[param] = f"{key.name} = {_canonical(value_of(config, key))}"
+            params[param] = (f"{key.name} = {_canonical(value_of(config, key))}" if matters(config, key)
+                             else f"{key.name}: not used")
     return params
 
 
 def _per_model_param(config: dict[str, Any], key: Key, wildcards: Any) -> str:
     names = _models_of(config, wildcards.get("model"))
-    return "; ".join(f"models.{n}.{key.path[-1]} = {_canonical(value_of(config, key, n))}" for n in names)
+    return "; ".join(f"models.{n}.{key.path[-1]} = {_canonical(value_of(config, key, n))}" if matters(config, key, n)
+                     else f"models.{n}.{key.path[-1]}: not used" for n in names)
 
 
 def job_settings(smk: Any) -> dict[str, Any]:
@@ -188,6 +205,8 @@ def rerun_table() -> str:
             effect = "nothing (recorded in provenance; read by " + ", ".join(f"`{r}`" for r in key.rules) + ")"
         else:
             effect = "the jobs whose files it adds or renames"
+        if key.when:
+            effect += " (only when " + " and ".join(f"{s} is {' or '.join(map(str, v))}" for s, v in key.when) + ")"
         default = f"`{_canonical(key.default)}`" if has_default(key) else ""
         lines.append(f"| `{key.name}` | {key.kind} | {effect} | {default} | {key.description} |")
     return "\n".join(lines)

@@ -286,20 +286,33 @@ def _save_sums(path, accumulator: GramAccumulator, record: dict[str, Any], final
 
 
 def _load_checkpoint(path, accumulator: GramAccumulator, plan: str) -> int:
-    """Restore sums from a checkpoint of the same plan; returns the next batch index (0 if unusable)."""
+    """Restore the sums of a checkpoint of the same plan, every layer or none; returns the next batch index.
+
+    Everything is read and checked before anything is restored, so a checkpoint damaged in a later layer never
+    leaves the earlier layers' sums restored (they would be counted twice when the job starts over).
+    """
     import torch
 
     try:
         with h5py.File(path, "r") as f:
             attrs = get_attrs(f)
             if attrs.get("plan") != plan:
+                print(f"{path} is a checkpoint of another plan (batches, layers or grouping): not resumed")
                 return 0
-            for layer in accumulator.layers:
-                accumulator.sums[layer].copy_(torch.from_numpy(f[f"layer_{layer}/sum"][()]))
-            accumulator.count = int(attrs["count"])
-            return int(attrs["next_batch"])
-    except (OSError, KeyError):
+            sums = {layer: f[f"layer_{layer}/sum"][()] for layer in accumulator.layers}
+            count, next_batch = int(attrs["count"]), int(attrs["next_batch"])
+    except (OSError, KeyError, ValueError, TypeError) as err:
+        print(f"{path} is damaged ({type(err).__name__}: {err}): not resumed, starting from batch 0")
         return 0
+    for layer, values in sums.items():
+        if values.shape != tuple(accumulator.sums[layer].shape) or not np.isfinite(values).all():
+            print(f"{path}: layer {layer}'s sum has shape {values.shape} or non-finite values: not resumed, "
+                  f"starting from batch 0")
+            return 0
+    for layer, values in sums.items():
+        accumulator.sums[layer].copy_(torch.from_numpy(values))
+    accumulator.count = count
+    return next_batch
 
 
 def collect_second_moments(
