@@ -83,3 +83,14 @@ def test_top_pairs_are_off_diagonal_and_sorted():
     assert matrices.top_pairs(P, 3) == [(2, 1, 0.95), (0, 2, 0.9), (1, 0, 0.5)]
     assert len(matrices.top_pairs(P, 100)) == 6
     assert len(matrices.off_diagonal(P)) == 6
+
+
+def test_a_zero_or_non_finite_key_is_named_not_turned_into_nan():
+    rng = np.random.default_rng(3)
+    K = rng.standard_normal((4, 6))
+    L = np.linalg.cholesky(np.eye(6))
+    for bad in (0.0, np.nan):
+        K_bad = K.copy()
+        K_bad[2] = bad
+        with pytest.raises(matrices.DegenerateKeyError, match=r"1 key\(s\) are zero or not finite \(case_ids \[12\]\)"):
+            matrices.superposition_matrices(K_bad, L, case_ids=[10, 11, 12, 13])

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .models import ModelSpec, UnsupportedModelError, check_layers
+from .models import ModelSpec, UnsupportedModelError, check_layers, family_for
 
 DEFAULT_RESULTS = "results"
 
@@ -185,5 +185,24 @@ def validate(config: dict[str, Any]) -> None:
     if editing.get("enabled", True):
         for name in editing.get("models") or specs:
             edit_layer(config, name)
-    if config["corpus"]["source"] == "local" and not config["corpus"].get("path"):
+    corpus = config["corpus"]
+    if corpus["source"] == "local" and not corpus.get("path"):
         raise ConfigError("corpus.source is 'local' but corpus.path is not set")
+    if corpus.get("n_documents") and corpus.get("n_shards", 1) > corpus["n_documents"]:
+        raise ConfigError(f"corpus.n_shards is {corpus['n_shards']} but corpus.n_documents is only "
+                          f"{corpus['n_documents']}: every shard needs at least one document")
+    if facts.get("source", "probe") == "file" and not facts.get("path"):
+        raise ConfigError("facts.source is 'file' but facts.path is not set: name a JSON file of CounterFact-shaped "
+                          "records")
+    if facts.get("pool_size", 512) < facts["m"]:
+        raise ConfigError(f"facts.pool_size is {facts['pool_size']} but facts.m is {facts['m']}: the pool of known "
+                          f"facts must hold at least the m selected ones")
+    low, high, _ = (config.get("summaries") or {}).get("kde_grid", [-1.5, 1.5, 601])
+    if not low < high:
+        raise ConfigError(f"summaries.kde_grid is {[low, high, _]}: its minimum must be below its maximum")
+    for name, entry in config["models"].items():
+        if (entry or {}).get("model_type"):
+            try:
+                family_for(entry["model_type"])
+            except UnsupportedModelError as err:
+                raise ConfigError(f"models.{name}.model_type: {err}") from None

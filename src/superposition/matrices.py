@@ -34,8 +34,19 @@ def cosine(M: np.ndarray) -> np.ndarray:
     return M / np.outer(d, d)
 
 
-def superposition_matrices(K: np.ndarray, cholesky: np.ndarray) -> dict[str, np.ndarray]:
+class DegenerateKeyError(ValueError):
+    """A key is zero or not finite: its row of P (divided by G_ii) and its cosines would be NaN or Inf."""
+
+
+def superposition_matrices(K: np.ndarray, cholesky: np.ndarray, case_ids: Sequence[int] | None = None
+                           ) -> dict[str, np.ndarray]:
     K = np.asarray(K, dtype=np.float64)
+    norms = np.linalg.norm(K, axis=1)
+    bad = np.flatnonzero(~np.isfinite(norms) | (norms == 0))
+    if bad.size:
+        names = [case_ids[i] if case_ids is not None else i for i in bad[:10]]
+        raise DegenerateKeyError(f"{bad.size} key(s) are zero or not finite (case_ids {names}): P_ij = G_ij/G_ii "
+                                 f"is undefined for them; check the keys file and the facts' subjects")
     G = gram_whitened(K, cholesky)
     Q = K @ K.T
     return {"G": G, "P": p_matrix(G), "Q": Q, "W": cosine(G), "A": cosine(Q)}

@@ -19,7 +19,7 @@ def matrices(model_json: str, keys_path: str, whitening_path: str, selection_pat
     m = len(selection["selected"])
     K = K_all[:m]
     w, w_attrs = whitening_mod.read_whitening(whitening_path, model=manifest["name"], layer=layer, d_m=manifest["d_m"])
-    mats = matrices_mod.superposition_matrices(K, w.cholesky)
+    mats = matrices_mod.superposition_matrices(K, w.cholesky, selection["selected"])
     record = {**models.provenance_of(manifest), **environment(), "layer": layer, "ridge": w.ridge,
               "corpus_fingerprint": w_attrs["corpus_fingerprint"], "n_tokens": w_attrs["n_tokens"],
               "facts": selection["facts"]}

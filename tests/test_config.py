@@ -1,0 +1,62 @@
+"""Semantic config errors, caught when the workflow is parsed (in-process: sp_config.validate is what
+rules/common.smk calls, wrapped into a WorkflowError; tests/test_workflow.py checks that wrapping once)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from superposition import config as sp_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    c = yaml.safe_load((REPO / "config/config.yaml").read_text())
+    c["results"] = str(tmp_path / "results")
+    return c
+
+
+def changed(cfg, section, **values):
+    out = copy.deepcopy(cfg)
+    out[section] = {**out[section], **values}
+    return out
+
+
+def test_the_default_config_is_valid(cfg):
+    sp_config.validate(cfg)
+
+
+@pytest.mark.parametrize("section, values, message", [
+    ("facts", {"pool_size": 64, "m": 128}, "facts.pool_size is 64 but facts.m is 128"),
+    ("facts", {"source": "file"}, "facts.source is 'file' but facts.path is not set"),
+    ("facts", {"case_ids": [1, 2], "m": 3}, "facts.case_ids lists 2 facts but facts.m is 3"),
+    ("corpus", {"n_shards": 8, "n_documents": 5}, "corpus.n_shards is 8 but corpus.n_documents is only 5"),
+    ("corpus", {"source": "local"}, "corpus.source is 'local' but corpus.path is not set"),
+    ("summaries", {"kde_grid": [1.5, -1.5, 601]}, "summaries.kde_grid is [1.5, -1.5, 601]: its minimum"),
+    ("editing", {"models": ["nope"]}, "editing.models names 'nope'"),
+    ("editing", {"layer": 40}, "editing.layer 40 is out of range"),
+])
+def test_semantic_errors_name_the_key(cfg, section, values, message):
+    with pytest.raises(sp_config.ConfigError, match=None) as err:
+        sp_config.validate(changed(cfg, section, **values))
+    assert message in str(err.value)
+
+
+def test_an_unknown_model_type_is_refused(cfg):
+    cfg["models"]["smollm2-135m"]["model_type"] = "mixtral-ish"
+    with pytest.raises(sp_config.ConfigError, match="models.smollm2-135m.model_type: model_type 'mixtral-ish' has no "
+                                                    "family adapter"):
+        sp_config.validate(cfg)
+
+
+def test_n_layers_is_checked_against_an_existing_snapshot(cfg, tmp_path):
+    manifest = tmp_path / "results/models/gemma3-270m/model.json"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text('{"n_layers": 26}')
+    with pytest.raises(sp_config.ConfigError, match="models.gemma3-270m.n_layers is 18 but the snapshot .* has 26"):
+        sp_config.validate(cfg)
