@@ -27,7 +27,8 @@ except (sp_config.ConfigError, ValueError, IndexError) as err:
     raise WorkflowError(f"config error: {err}")
 
 RESULTS = config["results"]
-MODELS = list(config["models"])
+# sorted: the order of the models in the config means nothing (reordering it reruns nothing)
+MODELS = sorted(config["models"])
 SHARDS = list(range(config["corpus"]["n_shards"]))
 USE_KNOWN_FILTER = not config["facts"].get("case_ids")
 

@@ -47,7 +47,13 @@ rule keys:
         model=res("models/{model}/model.json"),
         selection=res("facts/selection.json"),
     output:
-        res("keys/{model}.h5"),
+        fact_keys=res("keys/{model}.h5"),
+        subjects=report(
+            res("keys/{model}.subjects.tsv"),
+            caption="../report/subjects.rst",
+            category="Tables",
+            labels={"model": "{model}", "table": "subject tokens and first positions"},
+        ),
     log:
         res("logs/keys/{model}.log"),
     benchmark:

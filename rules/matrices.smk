@@ -28,6 +28,7 @@ rule top_pairs:
         model=res("models/{model}/model.json"),
         matrices=lambda w: matrix_files(w.model),
         selection=res("facts/selection.json"),
+        fact_keys=res("keys/{model}.h5"),
         facts=facts_input(),
     output:
         report(

@@ -35,6 +35,8 @@ def test_the_default_config_is_valid(cfg):
     ("facts", {"pool_size": 64, "m": 128}, "facts.pool_size is 64 but facts.m is 128"),
     ("facts", {"source": "file"}, "facts.source is 'file' but facts.path is not set"),
     ("facts", {"case_ids": [1, 2], "m": 3}, "facts.case_ids lists 2 facts but facts.m is 3"),
+    ("facts", {"case_ids": [1, 2], "m": 2, "prompt_mode": "exclude_first"},
+     "facts.prompt_mode exclude_first filters the known-fact selection, which explicit facts.case_ids bypass"),
     ("corpus", {"n_shards": 8, "n_documents": 5}, "corpus.n_shards is 8 but corpus.n_documents is only 5"),
     ("corpus", {"source": "local"}, "corpus.source is 'local' but corpus.path is not set"),
     ("summaries", {"kde_grid": [1.5, -1.5, 601]}, "summaries.kde_grid is [1.5, -1.5, 601]: its minimum"),

@@ -86,3 +86,33 @@ def test_known_filter_keeps_predicted_and_drops_unpredicted(tmp_path, smollm2_sn
     selection = facts_job.known_facts(["smollm2"], [str(tmp_path / "pred.tsv")], cfg, str(tmp_path / "known.tsv"),
                                      str(tmp_path / "sel.json"))
     assert selection["selected"] == [10] and selection["known_per_model"] == {"smollm2": 1}
+
+
+def test_exclude_first_drops_facts_flagged_in_any_model(tmp_path):
+    records = [{"case_id": c, "requested_rewrite": {"prompt": p, "subject": s, "relation_id": "P30",
+                                                    "target_true": {"str": "Europe"}}}
+               for c, p, s in [(1, "{} is located in the continent of", "Paris"),
+                               (2, "The city of {} is located in the continent of", "Paris"),
+                               (3, "{} is located in the continent of", "Tokyo"),
+                               (4, "The country {} is located in the continent of", "France")]]
+    path = tmp_path / "facts.json"
+    path.write_text(json.dumps(records))
+    columns = facts_job.PREDICTION_COLUMNS
+    flags = {"a": {1: 1, 2: 0, 3: 0, 4: 0}, "b": {1: 1, 2: 0, 3: 1, 4: 0}}  # Tokyo is one token in b only
+    tsvs = []
+    for name, flag in flags.items():
+        rows = ["\t".join(columns)] + ["\t".join(str(v) for v in [c, "P30", "s", "p", "Europe", "ĠEurope", "ĠEurope",
+                                                                1, 1.0, 0.5, "Ġx", 0 if flag[c] else 3, flag[c]])
+                                       for c in (1, 2, 3, 4)]
+        tsvs.append(tmp_path / f"{name}.tsv")
+        tsvs[-1].write_text("\n".join(rows) + "\n")
+    cfg = rule_settings({"facts": {"source": "file", "path": str(path), "m": 2, "prompt_mode": "exclude_first"}},
+                        "known_facts")["facts"]
+    selection = facts_job.known_facts(list(flags), [str(p) for p in tsvs], cfg, str(tmp_path / "known.tsv"),
+                                      str(tmp_path / "sel.json"))
+    assert selection["pool"] == [2, 4] and "without the 2 facts whose subject is the prompt's first token" \
+        in selection["mode"]
+    cfg["prompt_mode"] = "as_is"
+    selection = facts_job.known_facts(list(flags), [str(p) for p in tsvs], cfg, str(tmp_path / "known.tsv"),
+                                      str(tmp_path / "sel.json"))
+    assert selection["pool"] == [1, 2, 3, 4]

@@ -76,6 +76,7 @@ CONFIG_CHANGES = {
     "facts.case_ids": ({"facts.case_ids": [4, 0, 1, 2]}, FROM_SELECTION),
     "facts.pool_size": ({"facts.pool_size": 4}, FROM_SELECTION),
     "facts.context_templates": ({"facts.context_templates": ["{}", "Note. {}"]}, FROM_KEYS),
+    "facts.prompt_mode": ({"facts.prompt_mode": "bos"}, FROM_SELECTION),
     "facts.batch_size": ({"facts.batch_size": 2}, set()),
     "stats.device": ({"stats.device": "cpu"}, set()),
     "stats.model_dtype": ({"stats.model_dtype": "bfloat16"}, FROM_STATS | FROM_KEYS),

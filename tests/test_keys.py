@@ -92,3 +92,44 @@ def test_target_first_token(smollm2):
     _, tokenizer = smollm2
     tid = keys.target_first_token(tokenizer, "The capital of France is", "Paris")
     assert tokenizer.convert_ids_to_tokens(tid) == "ĠParis"
+
+
+FIRST = [fact(20, "{} is located in the continent of", "Paris", "Europe"),  # one token, at the start
+         fact(21, "{} is located in the continent of", "Vladimir Mayakovsky", "Europe"),  # starts, ends later
+         fact(22, "The capital of {} is", "France", "Paris")]
+
+
+def test_a_single_token_subject_that_starts_the_prompt_is_flagged(smollm2):
+    model, tokenizer = smollm2
+    run = keys.run_prompts(model, tokenizer, FIRST, layers=[24], predictions=False)
+    assert run.first_position == [True, False, False]
+    assert run.token_index[0] == 0 and run.token_index[1] > 0
+    # the attention sink: the first-position key is far shorter than the others at a late layer
+    norms = np.linalg.norm(run.keys[:, 0], axis=1)
+    assert norms[0] < 0.25 * min(norms[1:]), norms
+
+
+def test_bos_moves_every_subject_index_by_one_and_is_refused_without_a_bos(smollm2):
+    model, tokenizer = smollm2
+    assert tokenizer.bos_token_id is not None and not getattr(tokenizer, "add_bos_token", False)
+    plain = keys.run_prompts(model, tokenizer, FIRST, layers=[24], predictions=False)
+    bos = keys.run_prompts(model, tokenizer, FIRST, layers=[24], predictions=False, prepend_bos=True)
+    assert bos.token_index == [i + 1 for i in plain.token_index]
+    assert bos.token_str == plain.token_str
+    assert bos.first_position == [True, False, False]  # first after the special token, but no longer position 0
+    norms = np.linalg.norm(bos.keys[:, 0], axis=1)
+    assert norms[0] > 0.25 * min(norms[1:]), norms
+
+    class NoBos:
+        bos_token_id = None
+
+        def __call__(self, *args, **kwargs):
+            return tokenizer(*args, **kwargs)
+
+    with pytest.raises(FactError, match="facts.prompt_mode is 'bos' but the tokenizer of this model .* has no BOS"):
+        keys.run_prompts(model, NoBos(), FIRST, layers=[24], predictions=False, prepend_bos=True)
+
+
+def test_leading_special_tokens_are_the_empty_offsets():
+    assert keys.leading_special_tokens([(0, 0), (0, 5), (5, 8)]) == 1
+    assert keys.leading_special_tokens([(0, 5), (5, 8)]) == 0

@@ -122,3 +122,13 @@ def test_every_rule_has_a_script_and_every_script_a_rule():
     rules = {m for smk in (REPO / "rules").glob("*.smk") for m in re.findall(r"^rule (\w+):", smk.read_text(), re.M)}
     scripts = {p.stem for p in SCRIPTS.glob("*.py")}
     assert scripts == rules - {"rome_stats"}  # rome_stats only gathers the export's files
+
+
+def test_the_order_of_models_means_nothing():
+    a = {"models": {"x": {"source": "local", "path": "/x", "params_millions": 1},
+                    "y": {"source": "local", "path": "/y", "params_millions": 2}}}
+    b = {"models": dict(reversed(list(a["models"].items())))}
+    pa = settings.result_params(a, "figure_angles")["cfg__models__params_millions"]
+    pb = settings.result_params(b, "figure_angles")["cfg__models__params_millions"]
+    assert pa({}) == pb({}) == "models.x.params_millions = 1; models.y.params_millions = 2"
+    assert settings.rule_settings(a, "figure_angles") == settings.rule_settings(b, "figure_angles")

@@ -175,6 +175,9 @@ def validate(config: dict[str, Any]) -> None:
     for name in specs:
         model_layers(config, name)
     facts = config["facts"]
+    if facts.get("case_ids") and facts.get("prompt_mode") == "exclude_first":
+        raise ConfigError("facts.prompt_mode exclude_first filters the known-fact selection, which explicit "
+                          "facts.case_ids bypass: drop the case_ids, or use prompt_mode bos or context")
     if facts.get("case_ids") and len(facts["case_ids"]) < facts["m"]:
         raise ConfigError(f"facts.case_ids lists {len(facts['case_ids'])} facts but facts.m is {facts['m']}")
     editing = config.get("editing") or {}

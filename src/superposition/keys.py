@@ -36,19 +36,45 @@ def target_first_token(tokenizer, text: str, target: str, case_id: Any = "?") ->
     raise FactError(f"case_id {case_id}: target {target!r} tokenises to nothing after its prompt")
 
 
+# ROME-style context prefixes as a fixed preset (facts.prompt_mode: context): short, neutral, and none of them
+# bare, so that no averaged key sits at the sequence's first position.
+CONTEXT_PRESET = ("The following is a fact. {}", "Here is what I know. {}", "In the encyclopedia: {}",
+                  "Some background. {}", "As recorded, {}")
+PROMPT_MODES = ("as_is", "bos", "context", "exclude_first")
+
+
 @dataclass
 class PromptRun:
     keys: np.ndarray | None  # (n_facts, n_layers, d_m) float32, or None
     token_index: list[int]  # subject's last token per fact (first template)
     token_str: list[str]
+    first_position: list[bool]  # the subject's last token is the sequence's first (after special tokens)
     predicted: list[int]  # argmax next token after the prompt
     target: list[int]  # first token of target_true
     margin: list[float]  # logit[target] - max other logit
     target_prob: list[float]
 
 
-def _encode(tokenizer, texts: Sequence[str]):
-    return tokenizer(list(texts), return_offsets_mapping=True, add_special_tokens=True)
+def _encode(tokenizer, texts: Sequence[str], prepend_bos: bool = False):
+    enc = tokenizer(list(texts), return_offsets_mapping=True, add_special_tokens=True)
+    if prepend_bos:
+        bos = tokenizer.bos_token_id
+        if bos is None:
+            raise FactError(f"facts.prompt_mode is 'bos' but the tokenizer of this model ({type(tokenizer).__name__}) "
+                            f"has no BOS token: use as_is, context or exclude_first")
+        for ids, offsets in zip(enc["input_ids"], enc["offset_mapping"]):
+            if not ids or ids[0] != bos:  # a tokenizer that adds its BOS already keeps it once
+                ids.insert(0, bos)
+                offsets.insert(0, (0, 0))
+    return enc
+
+
+def leading_special_tokens(offsets: Sequence[tuple[int, int]]) -> int:
+    """How many tokens before the text starts (BOS and other special tokens have empty character offsets)."""
+    n = 0
+    while n < len(offsets) and offsets[n][1] <= offsets[n][0]:
+        n += 1
+    return n
 
 
 def run_prompts(
@@ -61,11 +87,13 @@ def run_prompts(
     context_templates: Sequence[str] | None = None,
     batch_size: int = 64,
     padding_side: str | None = None,
+    prepend_bos: bool = False,
 ) -> PromptRun:
     """Keys at ``layers`` (all of them if None; none if an empty list) and next-token predictions for ``facts``.
 
     ``context_templates`` (ROME-style, e.g. ``["{}", "The following is true. {}"]``) average each key over the
-    prompt placed in every template; predictions always use the bare prompt.
+    prompt placed in every template; predictions always use the bare prompt. ``prepend_bos`` starts every
+    sequence with the tokenizer's BOS token (an error for a tokenizer without one).
     """
     import torch
 
@@ -98,7 +126,7 @@ def run_prompts(
             s, e = fact.subject_span
             rows.append((f_index, t_index, text, (s + shift, e + shift)))
 
-    enc = _encode(tokenizer, [r[2] for r in rows])
+    enc = _encode(tokenizer, [r[2] for r in rows], prepend_bos)
     subject_index = [subject_last_index(enc["offset_mapping"][i], rows[i][3], facts[rows[i][0]].case_id)
                      for i in range(len(rows))]
     device = next(model.parameters()).device
@@ -159,6 +187,7 @@ def run_prompts(
     first_rows = [i for i, r in enumerate(rows) if r[1] == 0]
     token_index = [subject_index[i] for i in first_rows]
     token_str = [tokenizer.convert_ids_to_tokens(enc["input_ids"][i][subject_index[i]]) for i in first_rows]
+    first_position = [subject_index[i] == leading_special_tokens(enc["offset_mapping"][i]) for i in first_rows]
     predicted, target, margin, prob = [], [], [], []
     if predictions:
         logits = torch.cat(last_logits)
@@ -171,14 +200,15 @@ def run_prompts(
             target.append(tgt)
             margin.append(float(row_logits[tgt] - other.max()))
             prob.append(float(torch.softmax(row_logits.double(), dim=0)[tgt]))
-    return PromptRun(keys, token_index, token_str, predicted, target, margin, prob)
+    return PromptRun(keys, token_index, token_str, first_position, predicted, target, margin, prob)
 
 
 # ------------------------------------------------------------------------------------------ storage
 
 
 def write_keys(path, keys: np.ndarray, case_ids: Sequence[int], token_index: Sequence[int],
-               token_str: Sequence[str], layers: Sequence[int], record: dict[str, Any]) -> None:
+               token_str: Sequence[str], first_position: Sequence[bool], layers: Sequence[int],
+               record: dict[str, Any]) -> None:
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.create_dataset("keys", data=keys)  # (n_facts, n_layers, d_m) float32, as the model computed them
@@ -186,6 +216,7 @@ def write_keys(path, keys: np.ndarray, case_ids: Sequence[int], token_index: Seq
             f.create_dataset("layers", data=np.asarray(layers, dtype=np.int64))
             f.create_dataset("token_index", data=np.asarray(token_index, dtype=np.int64))
             f.create_dataset("token_str", data=list(token_str), dtype=h5py.string_dtype())
+            f.create_dataset("first_position", data=np.asarray(first_position, dtype=bool))
             set_attrs(f, {**record, "keys_dtype": str(keys.dtype)})
 
 
@@ -203,3 +234,16 @@ def read_keys(path, *, model: str, layer: int, d_m: int) -> tuple[np.ndarray, li
     if keys.shape[1] != d_m:
         raise ProvenanceError(f"{path}: keys have width {keys.shape[1]}, but model {model!r} has d_m {d_m}")
     return keys, case_ids, attrs
+
+
+def read_key_positions(path, *, model: str) -> dict[int, tuple[int, str, bool]]:
+    """case_id -> (the subject's last token index, that token, whether it is the sequence's first)."""
+    with open_h5(path, "keys") as f:
+        attrs = get_attrs(f)
+        if attrs.get("model") != model:
+            raise ProvenanceError(f"{path} holds keys of model {attrs.get('model')!r}, expected {model!r}")
+        case_ids = [int(c) for c in f["case_ids"][()]]
+        index = [int(i) for i in f["token_index"][()]]
+        tokens = [t.decode() if isinstance(t, bytes) else str(t) for t in f["token_str"][()]]
+        first = [bool(x) for x in f["first_position"][()]]
+    return {c: (i, t, b) for c, i, t, b in zip(case_ids, index, tokens, first)}

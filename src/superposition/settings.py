@@ -119,7 +119,7 @@ def matters(config: dict[str, Any], key: Key, model: str | None = None) -> bool:
 
 
 def _models_of(config: dict[str, Any], model: str | None) -> list[str]:
-    return [model] if model is not None else list(config.get("models") or {})
+    return [model] if model is not None else sorted(config.get("models") or {})
 
 
 def rule_settings(config: dict[str, Any], rule: str, model: str | None = None) -> dict[str, Any]:

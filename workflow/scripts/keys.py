@@ -8,6 +8,7 @@ keys(
     snakemake.params.layers,
     facts_source(cfg),
     cfg["stats"],
-    snakemake.output[0],
+    snakemake.output.fact_keys,
+    snakemake.output.subjects,
     execution_of(snakemake),
 )

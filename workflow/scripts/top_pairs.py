@@ -7,6 +7,7 @@ top_pairs(
     list(snakemake.input.matrices),
     snakemake.params.layers,
     snakemake.input.selection,
+    snakemake.input.fact_keys,
     facts_source(cfg),
     cfg["matrices"]["top_pairs"],
     snakemake.output[0],

@@ -11,7 +11,7 @@ from .. import models
 from ..provenance import ProvenanceError, atomic_path, write_json
 
 PREDICTION_COLUMNS = ["case_id", "relation_id", "subject", "prompt", "target_true", "target_token", "predicted_token",
-                      "known", "margin", "target_prob", "subject_last_token"]
+                      "known", "margin", "target_prob", "subject_last_token", "subject_position", "first_position"]
 
 
 def fact_predictions(model_json: str, facts_cfg: dict[str, Any], stats_cfg: dict[str, Any], out_tsv: str) -> None:
@@ -20,7 +20,7 @@ def fact_predictions(model_json: str, facts_cfg: dict[str, Any], stats_cfg: dict
     facts, _ = facts_mod.load_facts({**facts_cfg, "case_ids": None})
     model, tokenizer = models.load(manifest, stats_cfg["device"], stats_cfg["model_dtype"])
     run = keys_mod.run_prompts(model, tokenizer, facts, layers=[], predictions=True,
-                               batch_size=facts_cfg["batch_size"])
+                               batch_size=facts_cfg["batch_size"], prepend_bos=facts_cfg["prompt_mode"] == "bos")
     with atomic_path(out_tsv) as tmp:
         with open(tmp, "w", newline="") as handle:
             writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
@@ -30,7 +30,8 @@ def fact_predictions(model_json: str, facts_cfg: dict[str, Any], stats_cfg: dict
                                  tokenizer.convert_ids_to_tokens(run.target[i]),
                                  tokenizer.convert_ids_to_tokens(run.predicted[i]),
                                  int(run.predicted[i] == run.target[i]), f"{run.margin[i]:.6g}",
-                                 f"{run.target_prob[i]:.6g}", run.token_str[i]])
+                                 f"{run.target_prob[i]:.6g}", run.token_str[i], run.token_index[i],
+                                 int(run.first_position[i])])
     print(f"{manifest['name']}: knows {sum(p == t for p, t in zip(run.predicted, run.target))} of {len(facts)} facts")
 
 
@@ -58,8 +59,13 @@ def known_facts(model_names: Sequence[str], prediction_paths: Sequence[str], fac
                 raise ProvenanceError(f"{path} predicts other facts than the current facts file; rerun fact_predictions")
             per_model[name] = {int(r["case_id"]): r for r in rows}
         known = {name: {c: r["known"] == "1" for c, r in rows.items()} for name, rows in per_model.items()}
-        pool, counts = facts_mod.select_known(case_ids, known, m)
         mode = f"known by all of {', '.join(model_names)} (greedy first token = target)"
+        if facts_cfg["prompt_mode"] == "exclude_first":
+            # a subject at the sequence's first position in any model: its key measures the position
+            first = {c for rows in per_model.values() for c, r in rows.items() if r["first_position"] == "1"}
+            known = {name: {c: k and c not in first for c, k in per.items()} for name, per in known.items()}
+            mode += f", without the {len(first)} facts whose subject is the prompt's first token"
+        pool, counts = facts_mod.select_known(case_ids, known, m)
     pool = pool[: int(facts_cfg["pool_size"])]
     by_id = {f.case_id: f for f in facts}
     with atomic_path(out_tsv) as tmp:
