@@ -35,8 +35,7 @@ import numpy as np
 import torch
 
 from superposition import keys as keys_mod
-from superposition import matrices, models, stats, summaries
-from superposition.facts import Fact
+from superposition import matrices, models, stats
 from superposition.whitening import whiten
 
 REPO = Path(__file__).resolve().parents[1]

@@ -120,7 +120,7 @@ MODULE_CHANGES = {
     "matrices": {"matrices", "kurtosis_vs_m", "lifelong_edit"} | PRESENT_MATRICES | FIGURES,
     "jobs/matrices": {"matrices"} | PRESENT_MATRICES,
     "jobs/top_pairs": {"top_pairs", "all"},
-    "summaries": {"summaries", "kde", "kurtosis_vs_m", "lifelong_edit"} | FIGURES,
+    "summaries": {"summaries", "kde", "kurtosis_vs_m"} | FIGURES,
     "jobs/summaries": SUMMARY_JOBS,
     "plots": FIGURES, "jobs/figures": FIGURES,
     "editing": EDITING, "jobs/editing": EDITING,

@@ -91,7 +91,7 @@ def test_tiny_workflow_outputs_and_provenance(tiny_run):
 
 
 def test_lifelong_editing_outputs(tiny_run):
-    from superposition.summaries import read_table
+    from superposition.provenance import read_table
 
     tmp, _ = tiny_run
     res = tmp / "results/editing/tiny"

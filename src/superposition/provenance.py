@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
 import json
 import os
 import platform
 import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import h5py
 import numpy as np
@@ -147,3 +148,26 @@ def expect(record: dict[str, Any], path: str | os.PathLike, **expected: Any) -> 
                 f"{path}: {key} is {have!r} but {want!r} was expected; this artifact belongs to another "
                 f"run (delete it or fix the config)"
             )
+
+
+def write_table(path, rows: Iterable[dict[str, Any]], cols: Sequence[str]) -> None:
+    """A TSV artifact, atomically: a header of ``cols``, one line per row (missing values empty, floats to 8 digits)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
+            writer.writerow(cols)
+            for row in rows:
+                writer.writerow([_fmt(row.get(c)) for c in cols])
+
+
+def read_table(path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle, delimiter="\t"))
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.8g}"
+    return str(value)

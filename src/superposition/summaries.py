@@ -7,7 +7,6 @@ Gaussian KDEs with Scott's bandwidth evaluated on a fixed grid. For the cosine m
 
 from __future__ import annotations
 
-import csv
 import math
 from typing import Any, Iterable, Sequence
 
@@ -16,7 +15,7 @@ import numpy as np
 import scipy.stats
 
 from .matrices import NAMES, off_diagonal
-from .provenance import ProvenanceError, atomic_path, get_attrs, open_h5, set_attrs
+from .provenance import ProvenanceError, atomic_path, get_attrs, open_h5, set_attrs, write_table
 
 SMALL = 0.05  # |entry| below this counts as "near zero" (near-orthogonal in whitening space for P)
 ANGLE_BAND = 5.0  # degrees around 90
@@ -75,28 +74,6 @@ def layer_row(layer: int, mats: dict[str, np.ndarray], n_tokens: int | None = No
         if name in ("W", "A"):
             row.update({f"{name}_{k}": v for k, v in describe_angles(off).items()})
     return row
-
-
-def write_table(path, rows: Iterable[dict[str, Any]], cols: Sequence[str]) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as handle:
-            writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
-            writer.writerow(cols)
-            for row in rows:
-                writer.writerow([_fmt(row.get(c)) for c in cols])
-
-
-def read_table(path) -> list[dict[str, str]]:
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle, delimiter="\t"))
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.8g}"
-    return str(value)
 
 
 def write_kdes(path, grid: np.ndarray, curves: dict[str, dict[int, np.ndarray]],

@@ -15,8 +15,7 @@ from .. import keys as keys_mod
 from .. import models
 from .. import stats as stats_mod
 from .. import whitening as whitening_mod
-from ..provenance import ProvenanceError, atomic_path, environment, read_json, set_attrs
-from ..summaries import write_table
+from ..provenance import ProvenanceError, atomic_path, environment, read_json, set_attrs, write_table
 
 
 EDIT_STEP_FIELDS = ["edit_success", "retention", "target_true_prob", "logp_drop_mean", "interference_mean",

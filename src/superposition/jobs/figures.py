@@ -9,7 +9,8 @@ import numpy as np
 from .. import matrices as matrices_mod
 from .. import models
 from .. import plots
-from ..summaries import interference_separation, read_kdes, read_table, write_table
+from ..provenance import read_table, write_table
+from ..summaries import interference_separation, read_kdes
 
 
 def _model(model_json: str, sizes: dict[str, float | None]) -> tuple[dict[str, Any], str, float]:

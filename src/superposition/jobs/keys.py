@@ -7,8 +7,7 @@ from typing import Any, Sequence
 from .. import facts as facts_mod
 from .. import keys as keys_mod
 from .. import models
-from ..provenance import environment, read_json
-from ..summaries import write_table
+from ..provenance import environment, read_json, write_table
 
 
 def keys(model_json: str, selection_path: str, layers: Sequence[int], facts_cfg: dict[str, Any],

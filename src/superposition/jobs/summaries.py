@@ -11,7 +11,7 @@ from .. import matrices as matrices_mod
 from .. import models
 from .. import summaries as summ
 from .. import whitening as whitening_mod
-from ..provenance import environment, read_json
+from ..provenance import environment, read_json, write_table
 
 ANGLE_GRID_DEG = np.linspace(0.0, 180.0, 361)
 
@@ -33,7 +33,7 @@ def summaries(model_json: str, matrix_paths: Sequence[str], layers: Sequence[int
               out_tsv: str) -> None:
     manifest, _, each = _layer_matrices(model_json, matrix_paths, layers, selection_path)
     rows = [summ.layer_row(layer, mats, attrs.get("n_tokens")) for layer, mats, attrs in each]
-    summ.write_table(out_tsv, rows, summ.columns())
+    write_table(out_tsv, rows, summ.columns())
     print(f"{manifest['name']}: summarised {len(rows)} layers")
 
 
@@ -67,4 +67,4 @@ def kurtosis_vs_m(model_json: str, keys_path: str, whitening_paths: Sequence[str
         w, _ = whitening_mod.read_whitening(path, model=manifest["name"], layer=layer, d_m=manifest["d_m"])
         for m, kurt in summ.kurtosis_vs_m(K, w.cholesky, [*m_values, len(pool)]):
             rows.append({"layer": layer, "m": m, "all_known": int(m == len(pool)), "P_excess_kurtosis": kurt})
-    summ.write_table(out_tsv, rows, ["layer", "m", "all_known", "P_excess_kurtosis"])
+    write_table(out_tsv, rows, ["layer", "m", "all_known", "P_excess_kurtosis"])
