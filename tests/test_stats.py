@@ -283,16 +283,24 @@ def test_block_names_and_plans_reuse_existing_statistics():
 
 
 CRASH_SCRIPT = textwrap.dedent("""
-    import sys, numpy as np
+    import os, sys, numpy as np
     sys.path.insert(0, {tests!r})
     from conftest import tiny_model
     from test_stats import random_docs
     from superposition import stats
     crash = None if sys.argv[1] == "none" else int(sys.argv[1])
+    if crash is not None:  # die like a killed job, without cleanup, once `crash` batches are done
+        add_batch = stats.GramAccumulator.add_batch
+        def dying(self, ids, mask, positions, batch_index):
+            n = add_batch(self, ids, mask, positions, batch_index)
+            if batch_index + 1 == crash:
+                os._exit(17)
+            return n
+        stats.GramAccumulator.add_batch = dying
     # Gram products of >= 50 tokens (about 2 batches) that straddle the checkpoints every 3 batches
     stats.collect_second_moments(tiny_model("gemma3_text"), random_docs(40, max_len=20), [0, 1, 2], sys.argv[2],
                                  {{"model": "tiny"}}, pad_id=0, max_tokens=40, checkpoint_path=sys.argv[3] or None,
-                                 checkpoint_every=3, gram_tokens=50, progress=False, _crash_after=crash)
+                                 checkpoint_every=3, gram_tokens=50, progress=False)
 """)
 
 

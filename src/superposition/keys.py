@@ -15,7 +15,7 @@ import numpy as np
 
 from .facts import Fact, FactError
 from .models import blocks, key_module
-from .provenance import ProvenanceError, atomic_path, get_attrs, open_h5, set_attrs
+from .provenance import CHECKSUM, ProvenanceError, atomic_path, get_attrs, open_h5, set_attrs
 
 
 def subject_last_index(offsets: Sequence[tuple[int, int]], span: tuple[int, int], case_id: Any = "?") -> int:
@@ -211,7 +211,7 @@ def write_keys(path, keys: np.ndarray, case_ids: Sequence[int], token_index: Seq
                record: dict[str, Any]) -> None:
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
-            f.create_dataset("keys", data=keys)  # (n_facts, n_layers, d_m) float32, as the model computed them
+            f.create_dataset("keys", data=keys, **CHECKSUM)  # (n_facts, n_layers, d_m) float32, as the model computed them
             f.create_dataset("case_ids", data=np.asarray(case_ids, dtype=np.int64))
             f.create_dataset("layers", data=np.asarray(layers, dtype=np.int64))
             f.create_dataset("token_index", data=np.asarray(token_index, dtype=np.int64))

@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 import scipy.linalg
 
-from .provenance import ProvenanceError, atomic_path, get_attrs, open_h5, set_attrs
+from .provenance import CHECKSUM, ProvenanceError, atomic_path, get_attrs, open_h5, set_attrs
 
 NAMES = ("P", "Q", "W", "A")
 
@@ -72,7 +72,7 @@ def write_matrices(path, mats: dict[str, np.ndarray], case_ids: Sequence[int], r
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             for name in ("G", *NAMES):
-                f.create_dataset(name, data=mats[name])
+                f.create_dataset(name, data=mats[name], **CHECKSUM)
             f.create_dataset("case_ids", data=np.asarray(case_ids, dtype=np.int64))
             set_attrs(f, {**record, "m": len(case_ids), "dtype": "float64"})
 

@@ -18,6 +18,11 @@ import numpy as np
 from . import __version__
 
 
+# Numeric artifact datasets carry HDF5's Fletcher-32 checksum: a flipped or zeroed byte fails the read (an error
+# naming the file, see open_h5) instead of returning wrong numbers; HDF5 keeps no checksum otherwise.
+CHECKSUM = {"fletcher32": True}
+
+
 class ProvenanceError(ValueError):
     """An artifact does not belong to what its consumer expects (other model, width, corpus, layer...)."""
 
@@ -129,14 +134,23 @@ def get_attrs(obj: h5py.Group | h5py.Dataset) -> dict[str, Any]:
     return out
 
 
-def open_h5(path: str | os.PathLike, what: str) -> h5py.File:
-    """Open an artifact for reading; a missing, truncated or corrupt file is an error naming it."""
+@contextlib.contextmanager
+def open_h5(path: str | os.PathLike, what: str) -> Iterator[h5py.File]:
+    """Open an artifact for reading; a missing, truncated or corrupt file, or a dataset that cannot be read
+    (damaged, or missing from a file of another layout) inside the block, is an error naming the file."""
     try:
-        return h5py.File(path, "r")
+        handle = h5py.File(path, "r")
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} file {path} does not exist") from None
     except OSError as err:
-        raise ProvenanceError(f"{what} file {path} is corrupt or truncated ({err})") from err
+        raise ProvenanceError(f"{what} file {path} is corrupt or truncated ({err}); delete it and run snakemake "
+                              f"again to rebuild it") from err
+    try:
+        with handle:
+            yield handle
+    except (OSError, KeyError) as err:
+        raise ProvenanceError(f"{what} file {path} is damaged: reading it failed ({type(err).__name__}: {err}); "
+                              f"delete it and run snakemake again to rebuild it") from err
 
 
 def expect(record: dict[str, Any], path: str | os.PathLike, **expected: Any) -> None:

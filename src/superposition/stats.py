@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 
 from .models import blocks, check_layers, key_module, key_width
-from .provenance import ProvenanceError, atomic_path, get_attrs, open_h5, set_attrs
+from .provenance import CHECKSUM, ProvenanceError, atomic_path, get_attrs, open_h5, set_attrs
 
 GRAM_DTYPES = ("float32", "float64")
 
@@ -281,7 +281,7 @@ def _save_sums(path, accumulator: GramAccumulator, record: dict[str, Any], final
         with h5py.File(tmp, "w") as f:
             set_attrs(f, {**record, "count": accumulator.count, "layers": accumulator.layers})
             for layer in accumulator.layers:
-                dset = f.create_dataset(f"layer_{layer}/sum", data=sums[layer])
+                dset = f.create_dataset(f"layer_{layer}/sum", data=sums[layer], **CHECKSUM)
                 dset.attrs["count"] = accumulator.count
 
 
@@ -332,7 +332,6 @@ def collect_second_moments(
     checkpoint_path: str | os.PathLike | None = None,
     checkpoint_every: int = 50,
     progress: bool = True,
-    _crash_after: int | None = None,
 ) -> dict[str, Any]:
     """Sum k k^T over all real tokens of ``docs`` for every layer in one forward pass per batch; write ``out_path``."""
     from tqdm import tqdm
@@ -366,8 +365,6 @@ def collect_second_moments(
                 accumulator.flush()
                 if checkpoint_path and index + 1 < len(batches):
                     _save_sums(checkpoint_path, accumulator, {"plan": plan, "next_batch": index + 1}, final=False)
-            if _crash_after is not None and index + 1 == _crash_after:
-                os._exit(17)  # test hook: die like a killed job, without cleanup
         accumulator.flush()  # the last Gram products belong to the timed work
     bar.close()
     elapsed = time.perf_counter() - t0
@@ -418,10 +415,7 @@ def merge_layer(paths: Sequence[str | os.PathLike], layer: int, *, model: str, d
             name = f"layer_{layer}/sum"
             if name not in f:
                 raise ProvenanceError(f"{path} has no statistics for layer {layer} (it holds {attrs.get('layers')})")
-            try:
-                part = f[name][()]
-            except OSError as err:
-                raise ProvenanceError(f"{path}: cannot read {name} ({err}); the file is truncated or corrupt") from err
+            part = f[name][()]  # a damaged dataset: open_h5 names the file
             if part.shape != (d_m, d_m) or part.dtype != np.float64:
                 raise ProvenanceError(f"{path}: {name} has shape {part.shape} {part.dtype}, expected ({d_m}, {d_m}) float64")
             total = part if total is None else total + part
@@ -436,7 +430,7 @@ def merge_layer(paths: Sequence[str | os.PathLike], layer: int, *, model: str, d
 def write_covariance(path, second_moment: np.ndarray, count: int, record: dict[str, Any]) -> None:
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
-            f.create_dataset("C", data=second_moment)
+            f.create_dataset("C", data=second_moment, **CHECKSUM)
             set_attrs(f, {**record, "n_tokens": count, "dtype": "float64", "centred": False})
 
 

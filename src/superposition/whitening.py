@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import scipy.linalg
 
-from .provenance import ProvenanceError, atomic_path, get_attrs, open_h5, set_attrs
+from .provenance import CHECKSUM, ProvenanceError, atomic_path, get_attrs, open_h5, set_attrs
 
 
 class SingularCovarianceError(np.linalg.LinAlgError):
@@ -56,9 +56,9 @@ def whiten(C: np.ndarray, *, ridge: float = 0.0, layer: Any = "?", n_tokens: int
 def write_whitening(path, w: Whitening, record: dict[str, Any]) -> None:
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
-            f.create_dataset("eigenvalues", data=w.eigenvalues)
-            f.create_dataset("cholesky", data=w.cholesky)
-            f.create_dataset("inv_sqrt", data=w.inv_sqrt)
+            f.create_dataset("eigenvalues", data=w.eigenvalues, **CHECKSUM)
+            f.create_dataset("cholesky", data=w.cholesky, **CHECKSUM)
+            f.create_dataset("inv_sqrt", data=w.inv_sqrt, **CHECKSUM)
             set_attrs(f, {**record, "ridge": w.ridge, "condition_number": w.condition_number,
                           "min_eigenvalue": float(w.eigenvalues[0]), "max_eigenvalue": float(w.eigenvalues[-1]),
                           "dtype": "float64"})

@@ -1,0 +1,83 @@
+"""Damaged artifacts: a flipped or zeroed byte inside a dataset, or a truncated file, is an error naming the file
+and saying how to rebuild it, never wrong numbers read back as valid (checksummed datasets, tests per artifact)."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from superposition import keys, matrices, stats, whitening
+from superposition.provenance import ProvenanceError
+
+RECORD = {"model": "m", "layer": 0, "d_m": 8}
+
+
+def _covariance(path):
+    X = np.random.default_rng(0).standard_normal((40, 8))
+    stats.write_covariance(path, X.T @ X / 40, 40, RECORD)
+    return lambda: stats.read_covariance(path, model="m", layer=0, d_m=8), "C"
+
+
+def _whitening(path):
+    X = np.random.default_rng(1).standard_normal((40, 8))
+    whitening.write_whitening(path, whitening.whiten(X.T @ X / 40), RECORD)
+    return lambda: whitening.read_whitening(path, model="m", layer=0, d_m=8), "cholesky"
+
+
+def _keys(path):
+    K = np.random.default_rng(2).standard_normal((5, 2, 8)).astype(np.float32)
+    keys.write_keys(path, K, [1, 2, 3, 4, 5], [0] * 5, ["x"] * 5, [False] * 5, [0, 1], {"model": "m"})
+    return lambda: keys.read_keys(path, model="m", layer=0, d_m=8), "keys"
+
+
+def _matrices(path):
+    K = np.random.default_rng(3).standard_normal((5, 8))
+    mats = matrices.superposition_matrices(K, np.eye(8))
+    matrices.write_matrices(path, mats, [1, 2, 3, 4, 5], RECORD)
+    return lambda: matrices.read_matrices(path, model="m", layer=0), "P"
+
+
+def _stats(path):
+    S = np.random.default_rng(4).standard_normal((8, 8))
+    with h5py.File(path, "w") as f:  # the layout _save_sums writes, through the same checksummed create
+        f.attrs.update({"model": "m", "d_m": 8, "corpus_fingerprint": "c", "shard": 0, "n_shards": 1,
+                        "count": 3, "layers": "[0]"})
+        f.create_dataset("layer_0/sum", data=S @ S.T, fletcher32=True).attrs["count"] = 3
+    return lambda: stats.merge_layer([path], 0, model="m", d_m=8, corpus_fingerprint="c", n_shards=1), "layer_0/sum"
+
+
+ARTIFACTS = {"covariance": _covariance, "whitening": _whitening, "keys": _keys, "matrices": _matrices,
+             "statistics": _stats}
+
+
+def _damage_dataset(path, name, how):
+    with h5py.File(path, "r") as f:
+        info = f[name].id.get_chunk_info(0)
+    offset, size = info.byte_offset, info.size
+    data = bytearray(path.read_bytes())
+    if how == "flip":
+        data[offset + size // 2] ^= 0xFF
+    else:  # the data zeroed; Fletcher-32 keeps its 4-byte checksum at the chunk's end (zeroed too, it would pass)
+        data[offset:offset + size - 4] = bytes(size - 4)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["flip", "zero"])
+@pytest.mark.parametrize("kind", sorted(ARTIFACTS))
+def test_a_damaged_dataset_is_an_error_naming_the_file(kind, how, tmp_path):
+    path = tmp_path / f"{kind}.h5"
+    read, dataset = ARTIFACTS[kind](path)
+    read()  # intact: reads
+    _damage_dataset(path, dataset, how)
+    with pytest.raises(ProvenanceError, match=rf"{path} is damaged: reading it failed .*delete it and run snakemake"):
+        read()
+
+
+@pytest.mark.parametrize("kind", sorted(ARTIFACTS))
+def test_a_truncated_artifact_is_an_error_naming_the_file(kind, tmp_path):
+    path = tmp_path / f"{kind}.h5"
+    read, _ = ARTIFACTS[kind](path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ProvenanceError, match=rf"{path} is (corrupt or truncated|damaged)"):
+        read()
