@@ -80,6 +80,13 @@ def test_tiny_workflow_outputs_and_provenance(tiny_run):
         assert execution["stats.device"] == "auto"
     with h5py.File(res / "keys/tiny.h5") as f:
         assert json.loads(f.attrs["execution"])["facts.batch_size"] == 64
+        assert f.attrs["prompt_mode"] == "as_is"  # part of the keys' provenance (and rerun key: test_incremental)
+        # "France is located in" starts with its subject (one token of SmolLM2's tokenizer): flagged
+        assert list(f["first_position"][()]) == [False, False, True, False, False]  # case_ids 4, 0, 1, 2, 3
+    subjects = (res / "keys/tiny.subjects.tsv").read_text().splitlines()
+    assert subjects[0].split("\t")[-1] == "first_position" and subjects[3].endswith("\t1")
+    assert "WARNING: 1 selected facts have their subject's last token at the sequence's first position" in \
+        (res / "logs/keys/tiny.log").read_text()
     manifest = json.loads((res / "corpus/tiny/manifest.json").read_text())
     assert manifest["corpus_documents"] == 24 and manifest["n_shards"] == 2
     selection = json.loads((res / "facts/selection.json").read_text())
