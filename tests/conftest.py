@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# huggingface_hub reads HF_HUB_OFFLINE once, at import: the online reference test needs it unset from the start
+if os.environ.get("SUPERPOSITION_ONLINE_TESTS") != "1":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)
 

@@ -9,6 +9,7 @@ import scipy.linalg
 import torch
 
 from conftest import tiny_model
+from superposition.settings import rule_settings
 from superposition import editing, keys as keys_mod, models
 from superposition.facts import Fact
 
@@ -140,7 +141,9 @@ def test_one_edit_on_the_offline_model_makes_target_new_the_argmax(smollm2):
     L = np.eye(d_m)  # C = I: the update still sets W k_e = v* exactly
     module = models.key_module(model, layer)
     W_before = module.weight.detach().clone()
-    cfg = editing.EditConfig(n_edits=1, eval_every=1, value_steps=40)
+    defaults = rule_settings({}, "lifelong_edit")  # the schema's defaults
+    cfg = editing.EditConfig.from_config({**defaults["editing"], "batch_size": defaults["facts"]["batch_size"],
+                                          "n_edits": 1, "eval_every": 1, "value_steps": 40})
     out = editing.run_sequence(model, tokenizer, module, "closed_form", facts[:1], facts[1:], K, [0], [1, 2], L,
                                editing.pool_p_matrix(K, L), None, cfg)
     assert out.final_success.tolist() == [True], out.steps

@@ -197,22 +197,29 @@ def optimise_value(model, tokenizer, module, fact: Fact, target: str, *, steps: 
 
 @dataclass
 class EditConfig:
-    n_edits: int = 20
-    eval_every: int = 5
-    value_steps: int = 20
-    value_lr: float = 0.5
-    weight_decay: float = 0.5
-    clamp_norm_factor: float = 4.0
-    early_stop_nll: float = 0.05
-    null_space_threshold: float = 2e-2
-    retained: str = "selected"
-    save_weights: bool = False
-    batch_size: int = 64
+    """The editing settings: the config's editing section (its defaults are the schema's, filled in by
+    superposition.settings) and the prompt batch size facts.batch_size."""
+
+    n_edits: int
+    eval_every: int
+    value_steps: int
+    value_lr: float
+    weight_decay: float
+    clamp_norm_factor: float
+    early_stop_nll: float
+    null_space_threshold: float
+    retained: str
+    save_weights: bool
+    batch_size: int
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> "EditConfig":
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in cfg.items() if k in names})
+        missing = sorted(names - set(cfg))
+        if missing:
+            raise EditingError(f"editing settings lack {missing}: pass the rule's settings "
+                               f"(superposition.settings.rule_settings(config, 'lifelong_edit'))")
+        return cls(**{k: cfg[k] for k in names})
 
 
 @dataclass
