@@ -145,35 +145,6 @@ def figure(name):
     return {"png": res(f"figures/{name}.png"), "pdf": res(f"figures/{name}.pdf")}
 
 
-def layer_of_module(module):
-    """Layer index in a module path such as model.layers.12.mlp.down_proj."""
-    import re
-
-    found = re.search(r"\.(\d+)\.", module)
-    if not found:
-        raise WorkflowError(f"cannot read a layer index from module name {module!r}")
-    return int(found.group(1))
-
-
-def rome_module(model, layer):
-    """ROME's module name of a layer's down projection (family known from the config's model type)."""
-    from superposition.models import family_for
-
-    import json
-    from pathlib import Path
-
-    model_type = config["models"][model].get("model_type")
-    manifest = Path(res(f"models/{model}/model.json"))
-    if model_type is None and manifest.is_file():
-        model_type = json.loads(manifest.read_text())["model_type"]
-    if model_type is None:
-        raise WorkflowError(
-            f"the ROME file name of {model} needs its model type: run `snakemake {manifest}` "
-            f"first or set models.{model}.model_type"
-        )
-    return family_for(model_type).module_name(layer)
-
-
 def editing_models():
     """Models the lifelong-editing simulation runs on (editing.models; all models by default)."""
     if not config["editing"].get("enabled", True):

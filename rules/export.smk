@@ -1,35 +1,33 @@
 # Statistics in ROME's cache layout, for ROME/MEMIT/EasyEdit/AlphaEdit users: `snakemake rome_stats`.
+# One job per model: the file names carry the sample size actually used (the corpus manifest's document count),
+# and a manifest beside the files holds each file's sha256 and the provenance.
 
 
 rule export_rome:
     input:
         model=res("models/{model}/model.json"),
-        covariance=lambda w: res(
-            f"covariance/{w.model}/layer-{layer_of_module(w.module)}.h5"
-        ),
+        covariance=lambda w: [
+            res(f"covariance/{w.model}/layer-{layer}.h5")
+            for layer in layers_of(w.model)
+        ],
         manifest=res("corpus/{model}/manifest.json"),
     output:
-        res("rome_stats/{model}/wikipedia_stats/{module}_float32_mom2_{n}.npz"),
+        stats=directory(res("rome_stats/{model}/wikipedia_stats")),
+        manifest=res("rome_stats/{model}/manifest.json"),
     log:
-        res("logs/export_rome/{model}/{module}_{n}.log"),
+        res("logs/export_rome/{model}.log"),
     benchmark:
-        res("benchmarks/export_rome/{model}/{module}_{n}.tsv")
+        res("benchmarks/export_rome/{model}.tsv")
     conda:
         "../envs/superposition.yaml"
     threads: 1
     params:
         **rule_params("export_rome"),
-        layer=lambda w: layer_of_module(w.module),
+        layers=lambda w: layers_of(w.model),
     script:
         "../workflow/scripts/export_rome.py"
 
 
 rule rome_stats:
     input:
-        lambda w: [
-            res(
-                f"rome_stats/{m}/wikipedia_stats/{rome_module(m, layer)}_float32_mom2_{config['corpus']['n_documents']}.npz"
-            )
-            for m in MODELS
-            for layer in layers_of(m)
-        ],
+        expand(res("rome_stats/{model}/manifest.json"), model=MODELS),

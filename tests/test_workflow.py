@@ -134,20 +134,32 @@ def test_lifelong_editing_outputs(tiny_run):
         max(float(r["closed_form_relative_interference"]) for r in retained), rel=1e-6)
 
 
-def test_rome_export_matches_the_covariance(tiny_run):
+def test_rome_export_matches_the_covariance_and_its_manifest_verifies(tiny_run):
+    from superposition.jobs.covariance import verify_rome_export
+    from superposition.provenance import ProvenanceError
+
     tmp, cfg = tiny_run
     snakemake("rome_stats", "--configfile", str(cfg), "--cores", "1")
     res = tmp / "results"
     files = sorted((res / "rome_stats/tiny/wikipedia_stats").glob("*.npz"))
-    assert [f.name for f in files] == [f"model.layers.{l}.mlp.down_proj_float32_mom2_24.npz" for l in range(3)]
+    # the sample size is the documents actually used (the corpus manifest's count)
+    used = json.loads((res / "corpus/tiny/manifest.json").read_text())["corpus_documents"]
+    assert [f.name for f in files] == [f"model.layers.{l}.mlp.down_proj_float32_mom2_{used}.npz" for l in range(3)]
     for layer, path in enumerate(files):
         state = np.load(path, allow_pickle=False)
         with h5py.File(res / f"covariance/tiny/layer-{layer}.h5") as f:
             C, n = f["C"][()], int(f.attrs["n_tokens"])
-        assert int(state["mom2.count"]) == n and int(state["sample_size"]) == 24
+        assert int(state["mom2.count"]) == n and int(state["sample_size"]) == used
         assert state["mom2.mom2"].dtype == np.float32
         np.testing.assert_allclose(state["mom2.mom2"] / n, C, rtol=1e-6, atol=1e-9)
-
+    manifest = res / "rome_stats/tiny/manifest.json"
+    record = json.loads(manifest.read_text())
+    assert record["model"] == "tiny" and record["corpus_documents"] == used and len(record["files"]) == 3
+    assert record["corpus_fingerprint"] and record["code_version"].startswith("superposition")
+    verify_rome_export(manifest)
+    files[1].write_bytes(files[1].read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(ProvenanceError, match="layers.1.mlp.down_proj.* does not match the sha256"):
+        verify_rome_export(manifest)
 
 def test_lint_and_format():
     lint = snakemake("--lint", check=False)

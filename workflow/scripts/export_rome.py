@@ -4,8 +4,9 @@ from superposition.jobs.covariance import export_rome
 start_job(snakemake)
 export_rome(
     snakemake.input.model,
-    snakemake.input.covariance,
+    list(snakemake.input.covariance),
+    snakemake.params.layers,
     snakemake.input.manifest,
-    snakemake.params.layer,
-    snakemake.output[0],
+    snakemake.output.stats,
+    snakemake.output.manifest,
 )
