@@ -8,14 +8,14 @@ Gaussian KDEs with Scott's bandwidth evaluated on a fixed grid. For the cosine m
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import h5py
 import numpy as np
 import scipy.stats
 
 from .matrices import NAMES, off_diagonal
-from .provenance import ProvenanceError, atomic_path, get_attrs, open_h5, set_attrs, write_table
+from .provenance import ProvenanceError, atomic_path, get_attrs, open_h5, set_attrs
 
 SMALL = 0.05  # |entry| below this counts as "near zero" (near-orthogonal in whitening space for P)
 ANGLE_BAND = 5.0  # degrees around 90

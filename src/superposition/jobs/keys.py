@@ -31,14 +31,18 @@ def keys(model_json: str, selection_path: str, layers: Sequence[int], facts_cfg:
                         layers, record)
     print(f"keys of {len(facts)} facts at {len(layers)} layers, width {run.keys.shape[-1]}, prompts {mode}")
     selected = set(selection["selected"])
-    first = [f for f, flag in zip(facts, run.first_position) if flag and f.case_id in selected]
+    first = [(f, i) for f, i, flag in zip(facts, run.token_index, run.first_position) if flag and f.case_id in selected]
     write_table(out_subjects, [
         {"case_id": f.case_id, "selected": int(f.case_id in selected), "subject": f.subject, "prompt": f.text,
          "subject_last_index": i, "subject_last_token": t, "first_position": int(b)}
         for f, i, t, b in zip(facts, run.token_index, run.token_str, run.first_position)],
         ["case_id", "selected", "subject", "prompt", "subject_last_index", "subject_last_token", "first_position"])
     if first and mode == "as_is":
-        print(f"WARNING: {len(first)} selected facts have their subject's last token at the sequence's first position, "
-              f"where the key measures the position (an attention sink), not the fact: "
-              + ", ".join(f"{f.case_id} ({f.subject!r})" for f in first)
-              + ". Set facts.prompt_mode to bos, context or exclude_first to avoid them (README).")
+        names = ", ".join(f"{f.case_id} ({f.subject!r})" for f, _ in first)
+        if any(i == 0 for _, i in first):
+            print(f"WARNING: {len(first)} selected facts have their subject's last token at the sequence's first "
+                  f"position, where the key measures the position (an attention sink), not the fact: {names}. Set "
+                  f"facts.prompt_mode to bos, context or exclude_first to avoid them (README).")
+        else:
+            print(f"note: {len(first)} selected facts have their subject's last token first after the tokenizer's "
+                  f"special tokens (a BOS precedes it, so no attention sink at position 0): {names}")
