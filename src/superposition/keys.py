@@ -40,7 +40,6 @@ def target_first_token(tokenizer, text: str, target: str, case_id: Any = "?") ->
 # bare, so that no averaged key sits at the sequence's first position.
 CONTEXT_PRESET = ("The following is a fact. {}", "Here is what I know. {}", "In the encyclopedia: {}",
                   "Some background. {}", "As recorded, {}")
-PROMPT_MODES = ("as_is", "bos", "context", "exclude_first")
 
 
 @dataclass
@@ -236,14 +235,10 @@ def read_keys(path, *, model: str, layer: int, d_m: int) -> tuple[np.ndarray, li
     return keys, case_ids, attrs
 
 
-def read_key_positions(path, *, model: str) -> dict[int, tuple[int, str, bool]]:
-    """case_id -> (the subject's last token index, that token, whether it is the sequence's first)."""
+def read_first_positions(path, *, model: str) -> dict[int, bool]:
+    """case_id -> whether the fact's key is the sequence's first token (after special tokens)."""
     with open_h5(path, "keys") as f:
         attrs = get_attrs(f)
         if attrs.get("model") != model:
             raise ProvenanceError(f"{path} holds keys of model {attrs.get('model')!r}, expected {model!r}")
-        case_ids = [int(c) for c in f["case_ids"][()]]
-        index = [int(i) for i in f["token_index"][()]]
-        tokens = [t.decode() if isinstance(t, bytes) else str(t) for t in f["token_str"][()]]
-        first = [bool(x) for x in f["first_position"][()]]
-    return {c: (i, t, b) for c, i, t, b in zip(case_ids, index, tokens, first)}
+        return {int(c): bool(flag) for c, flag in zip(f["case_ids"][()], f["first_position"][()])}

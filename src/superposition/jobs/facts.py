@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import csv
 from typing import Any, Sequence
 
 from .. import facts as facts_mod
 from .. import keys as keys_mod
 from .. import models
-from ..provenance import ProvenanceError, atomic_path, write_json
+from ..provenance import ProvenanceError, read_table, write_json, write_table
 
 PREDICTION_COLUMNS = ["case_id", "relation_id", "subject", "prompt", "target_true", "target_token", "predicted_token",
                       "known", "margin", "target_prob", "subject_last_token", "subject_position", "first_position"]
@@ -21,23 +20,17 @@ def fact_predictions(model_json: str, facts_cfg: dict[str, Any], stats_cfg: dict
     model, tokenizer = models.load(manifest, stats_cfg["device"], stats_cfg["model_dtype"])
     run = keys_mod.run_prompts(model, tokenizer, facts, layers=[], predictions=True,
                                batch_size=facts_cfg["batch_size"], prepend_bos=facts_cfg["prompt_mode"] == "bos")
-    with atomic_path(out_tsv) as tmp:
-        with open(tmp, "w", newline="") as handle:
-            writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
-            writer.writerow(PREDICTION_COLUMNS)
-            for i, fact in enumerate(facts):
-                writer.writerow([fact.case_id, fact.relation_id or "", fact.subject, fact.prompt, fact.target_true,
-                                 tokenizer.convert_ids_to_tokens(run.target[i]),
-                                 tokenizer.convert_ids_to_tokens(run.predicted[i]),
-                                 int(run.predicted[i] == run.target[i]), f"{run.margin[i]:.6g}",
-                                 f"{run.target_prob[i]:.6g}", run.token_str[i], run.token_index[i],
-                                 int(run.first_position[i])])
+    rows = [dict(zip(PREDICTION_COLUMNS, [
+        fact.case_id, fact.relation_id or "", fact.subject, fact.prompt, fact.target_true,
+        tokenizer.convert_ids_to_tokens(run.target[i]), tokenizer.convert_ids_to_tokens(run.predicted[i]),
+        int(run.predicted[i] == run.target[i]), f"{run.margin[i]:.6g}", f"{run.target_prob[i]:.6g}",
+        run.token_str[i], run.token_index[i], int(run.first_position[i])])) for i, fact in enumerate(facts)]
+    write_table(out_tsv, rows, PREDICTION_COLUMNS)
     print(f"{manifest['name']}: knows {sum(p == t for p, t in zip(run.predicted, run.target))} of {len(facts)} facts")
 
 
 def read_predictions(path: str) -> list[dict[str, str]]:
-    with open(path, newline="") as handle:
-        rows = list(csv.DictReader(handle, delimiter="\t"))
+    rows = read_table(path)
     if rows and set(PREDICTION_COLUMNS) - set(rows[0]):
         raise ProvenanceError(f"{path} lacks columns {sorted(set(PREDICTION_COLUMNS) - set(rows[0]))}")
     return rows
@@ -68,15 +61,12 @@ def known_facts(model_names: Sequence[str], prediction_paths: Sequence[str], fac
         pool, counts = facts_mod.select_known(case_ids, known, m)
     pool = pool[: int(facts_cfg["pool_size"])]
     by_id = {f.case_id: f for f in facts}
-    with atomic_path(out_tsv) as tmp:
-        with open(tmp, "w", newline="") as handle:
-            writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
-            writer.writerow(["rank", "case_id", "selected", "relation_id", "subject", "prompt", "target_true"]
-                            + [f"margin_{n}" for n in per_model])
-            for rank, c in enumerate(pool):
-                f = by_id[c]
-                writer.writerow([rank, c, int(rank < m), f.relation_id or "", f.subject, f.prompt, f.target_true]
-                                + [per_model[n][c]["margin"] for n in per_model])
+    margins = [f"margin_{n}" for n in per_model]
+    rows = [{"rank": rank, "case_id": c, "selected": int(rank < m), "relation_id": by_id[c].relation_id or "",
+             "subject": by_id[c].subject, "prompt": by_id[c].prompt, "target_true": by_id[c].target_true,
+             **{f"margin_{n}": per_model[n][c]["margin"] for n in per_model}} for rank, c in enumerate(pool)]
+    write_table(out_tsv, rows, ["rank", "case_id", "selected", "relation_id", "subject", "prompt", "target_true",
+                                *margins])
     selection = {"facts": facts_id, "mode": mode, "m": m, "pool": pool, "selected": pool[:m],
                  "known_per_model": counts, "n_facts": len(facts)}
     write_json(out_selection, selection)
