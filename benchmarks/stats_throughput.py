@@ -26,12 +26,12 @@ import time
 def load(args):
     import torch
 
-    from superposition import corpus, models
+    from superposition import corpus, models, settings
 
     torch.set_num_threads(args.threads)
     manifest = models.read_manifest(args.model)
     model, tokenizer = models.load(manifest, args.device, "float32")
-    documents = corpus.load_documents({"source": "wiki_offline"})
+    documents = corpus.load_documents(settings.rule_settings({"corpus": {"source": "wiki_offline"}}, "corpus_shards")["corpus"])
     rows = corpus.select_documents(len(documents.texts), args.documents, 1)
     docs = corpus.tokenize_documents(tokenizer, [documents.texts[i] for i in rows], args.max_length)
     return manifest, model, tokenizer, docs

@@ -3,8 +3,13 @@ import random
 import numpy as np
 import pytest
 
-from superposition import corpus
+from superposition import corpus, settings
 from superposition.provenance import ProvenanceError
+
+
+def corpus_settings(**values):
+    """The corpus section as corpus_shards gets it: the given values, the schema's defaults for the rest."""
+    return settings.rule_settings({"corpus": values}, "corpus_shards")["corpus"]
 
 
 def test_offline_wikipedia_has_its_10033_lead_sections():
@@ -34,7 +39,7 @@ def test_too_few_tokens_names_the_numbers(tmp_path):
 
     docs = corpus.Documents(["a", "b"], ["x", "y"], "local:test")
     with pytest.raises(corpus.CorpusError, match="has 6 tokens, fewer than corpus.min_tokens = 100"):
-        corpus.build_shards(Tok(), docs, {"n_documents": 2, "min_tokens": 100, "max_length": 8}, None,
+        corpus.build_shards(Tok(), docs, corpus_settings(n_documents=2, min_tokens=100, max_length=8), None,
                             [tmp_path / "s.h5"], {"model": "m"})
 
 
@@ -64,11 +69,19 @@ def test_shards_roundtrip_with_fingerprint_and_model_check(tmp_path):
 def test_local_jsonl_and_text_sources(tmp_path):
     jl = tmp_path / "c.jsonl"
     jl.write_text('{"text": "one doc"}\n{"text": "two doc"}\n')
-    assert corpus.load_documents({"source": "local", "path": str(jl)}).texts == ["one doc", "two doc"]
+    assert corpus.load_documents(corpus_settings(source="local", path=str(jl))).texts == ["one doc", "two doc"]
     txt = tmp_path / "c.txt"
     txt.write_text("first\nparagraph\n\nsecond\n")
-    assert corpus.load_documents({"source": "local", "path": str(txt)}).texts == ["first\nparagraph", "second"]
+    assert corpus.load_documents(corpus_settings(source="local", path=str(txt))).texts == ["first\nparagraph", "second"]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\nnot json\n')
     with pytest.raises(corpus.CorpusError, match=r"bad\.jsonl:2"):
-        corpus.load_documents({"source": "local", "path": str(bad)})
+        corpus.load_documents(corpus_settings(source="local", path=str(bad)))
+
+
+def test_a_corpus_section_without_its_defaults_is_refused_not_completed(tmp_path):
+    # defaults come from the schema only (settings.rule_settings); the library adds none of its own
+    (tmp_path / "c.jsonl").write_text('{"text": "one doc"}\n')
+    with pytest.raises(KeyError, match="text_field"):
+        corpus.load_documents({"source": "local", "path": str(tmp_path / "c.jsonl")})
+    assert corpus_settings()["seed"] == 1 and corpus_settings()["text_field"] == "text"

@@ -56,6 +56,7 @@ def wiki_offline_path() -> Path:
 
 
 def load_documents(cfg: dict[str, Any]) -> Documents:
+    """The documents of the config's corpus section (its schema defaults filled in: settings.rule_settings)."""
     source = cfg["source"]
     if source == "wiki_offline":
         path = wiki_offline_path()
@@ -67,9 +68,9 @@ def load_documents(cfg: dict[str, Any]) -> Documents:
     if source == "hf_datasets":
         import datasets  # optional dependency: pip install -e .[online]
 
-        name, config, split = cfg.get("dataset", "wikimedia/wikipedia"), cfg.get("dataset_config", "20231101.en"), "train"
+        name, config, split = cfg["dataset"], cfg["dataset_config"], "train"
         ds = datasets.load_dataset(name, config, split=split)
-        field = cfg.get("text_field", "text")
+        field = cfg["text_field"]
         # Only the selected rows are materialised (the full dump has millions).
         return _LazyDocuments(ds, field, f"hf:{name}:{config}:{split}:{ds._fingerprint}")  # type: ignore[return-value]
     if source == "local":
@@ -77,12 +78,12 @@ def load_documents(cfg: dict[str, Any]) -> Documents:
         if not path.is_file():
             raise CorpusError(f"corpus.path {path} does not exist")
         if path.suffix == ".jsonl":
-            texts = []
+            field, texts = cfg["text_field"], []
             for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
                 if not line.strip():
                     continue
                 try:
-                    texts.append(json.loads(line)[cfg.get("text_field", "text")])
+                    texts.append(json.loads(line)[field])
                 except (json.JSONDecodeError, KeyError, TypeError) as err:
                     raise CorpusError(f"{path}:{number}: not a JSON object with a text field ({err})") from err
         else:
@@ -206,9 +207,12 @@ def read_shard(path: str | os.PathLike, model: str | None = None) -> Shard:
 
 def build_shards(tokenizer, documents: Documents, cfg: dict[str, Any], context_length: int | None,
                  shard_paths: Sequence[str | os.PathLike], record: dict[str, Any]) -> dict[str, Any]:
-    """Select, tokenise and shard the corpus; returns the manifest (also what each shard's attrs hold)."""
-    rows = select_documents(len(documents.texts), cfg.get("n_documents"), int(cfg.get("seed", 1)))
-    max_length = cfg.get("max_length") or context_length
+    """Select, tokenise and shard the corpus; returns the manifest (also what each shard's attrs hold).
+
+    ``cfg`` is the corpus section with its schema defaults filled in (settings.rule_settings): no defaults here.
+    """
+    rows = select_documents(len(documents.texts), cfg["n_documents"], int(cfg["seed"]))
+    max_length = cfg["max_length"] or context_length
     if not max_length:
         raise CorpusError("corpus.max_length is unset and the model's config gives no context length")
     max_length = int(min(max_length, context_length or max_length))
@@ -219,7 +223,7 @@ def build_shards(tokenizer, documents: Documents, cfg: dict[str, Any], context_l
     docs = tokenize_documents(tokenizer, texts, max_length)
     fingerprint = token_fingerprint(docs)
     total = int(sum(len(d) for d in docs))
-    min_tokens = cfg.get("min_tokens")
+    min_tokens = cfg["min_tokens"]
     if min_tokens and total < min_tokens:
         raise CorpusError(f"the selected corpus has {total} tokens, fewer than corpus.min_tokens = {min_tokens}")
     shards = split_shards(len(docs), len(shard_paths))
@@ -230,7 +234,7 @@ def build_shards(tokenizer, documents: Documents, cfg: dict[str, Any], context_l
         "corpus_documents": len(docs),
         "corpus_tokens": total,
         "max_length": max_length,
-        "seed": int(cfg.get("seed", 1)),
+        "seed": int(cfg["seed"]),
         "n_shards": len(shard_paths),
     }
     for index, (part, path) in enumerate(zip(shards, shard_paths)):

@@ -69,14 +69,17 @@ def probe_facts_path() -> Path:
 
 
 def load_facts(cfg: dict[str, Any]) -> tuple[list[Fact], str]:
-    """Facts from the configured source, with an id naming that source."""
-    source = cfg.get("source", "probe")
+    """Facts from the configured source, with an id naming that source.
+
+    ``cfg``: ``source``, and as that source needs ``path``, ``case_ids`` and ``cache_dir`` (a CounterFact download).
+    """
+    source = cfg["source"]
     if source == "probe":
         path = probe_facts_path()
     elif source == "file":
         path = Path(cfg["path"])
     elif source == "counterfact":
-        path = Path(cfg.get("path") or download_counterfact(cfg.get("cache_dir", "results/cache")))
+        path = Path(cfg.get("path") or download_counterfact(cfg["cache_dir"]))
     else:
         raise FactError(f"facts.source {source!r} is not one of probe, file, counterfact")
     if not path.is_file():
