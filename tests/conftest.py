@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random models of every family (no download) and the offline SmolLM2 snapshot."""
+"""Shared fixtures: tiny random models of every family and a tiny tokenizer (no download), and the offline SmolLM2
+snapshot."""
 
 from __future__ import annotations
 
@@ -14,7 +15,18 @@ if os.environ.get("SUPERPOSITION_ONLINE_TESTS") != "1":
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)
 
-FAMILIES = ["gpt2", "gptj", "gpt_neox", "llama", "gemma3_text"]
+FAMILIES = ["gpt2", "gptj", "gpt_neox", "llama", "gemma3_text", "mistral", "qwen2", "qwen3", "phi3", "olmo2",
+            "smollm3", "gemma", "gemma2", "opt", "gemma3"]
+LLAMA_LIKE = {
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM"),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM"),
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM"),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM"),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
+}
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -23,6 +35,7 @@ def tiny_model(model_type: str, n_layers: int = 3, seed: int = 0, vocab: int = 1
 
     torch.manual_seed(seed)
     common = dict(vocab_size=vocab)
+    special = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)  # inside the tiny vocabulary
     if model_type == "gpt2":
         config = tf.GPT2Config(n_positions=64, n_embd=32, n_layer=n_layers, n_head=4, **common)
         model = tf.GPT2LMHeadModel(config)
@@ -42,10 +55,52 @@ def tiny_model(model_type: str, n_layers: int = 3, seed: int = 0, vocab: int = 1
                                      num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                                      max_position_embeddings=64, sliding_window=16, **common)
         model = tf.Gemma3ForCausalLM(config)
+    elif model_type == "gemma3":  # Gemma3ForConditionalGeneration with a one-layer vision tower
+        # the image tokens sit above the ids the tests draw (0..vocab-1), so no prompt asks for image features
+        text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=8, max_position_embeddings=64, sliding_window=16,
+                    vocab_size=vocab + 3, **special)
+        vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      image_size=28, patch_size=14)
+        config = tf.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                 boi_token_index=vocab, eoi_token_index=vocab + 1, image_token_index=vocab + 2)
+        model = tf.Gemma3ForConditionalGeneration(config)
+    elif model_type in LLAMA_LIKE:  # gate_proj/up_proj/down_proj (phi3: fused gate_up_proj)
+        config_class, model_class = LLAMA_LIKE[model_type]
+        config = getattr(tf, config_class)(hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                           max_position_embeddings=64, **common, **special)
+        model = getattr(tf, model_class)(config)
+    elif model_type == "opt":
+        config = tf.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=n_layers, num_attention_heads=4,
+                              word_embed_proj_dim=32, max_position_embeddings=64, **common, **special)
+        model = tf.OPTForCausalLM(config)
+    elif model_type == "mixtral":  # mixture of experts: refused, never hooked
+        config = tf.MixtralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
+                                  num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                  num_experts_per_tok=2, max_position_embeddings=64, **common, **special)
+        model = tf.MixtralForCausalLM(config)
     else:
         raise ValueError(model_type)
     model.eval().requires_grad_(False)
     return model
+
+
+TINY_WORDS = ("The the of is a in was by speaker native capital France Paris Vladimir Mayakovsky Russian "
+              "developed Windows Microsoft located University Washington Seattle mother tongue Lionel Messi Spanish")
+
+
+def tiny_tokenizer():
+    """A word-level fast tokenizer (ids 0-3 special, then TINY_WORDS) with character offsets, no download."""
+    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {word: i for i, word in enumerate(specials + sorted(set(TINY_WORDS.split())))}
+    backend = Tokenizer(tok_models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
 
 
 @pytest.fixture(params=FAMILIES)

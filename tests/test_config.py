@@ -56,6 +56,21 @@ def test_an_unknown_model_type_is_refused(cfg):
         sp_config.validate(cfg)
 
 
+def test_a_mixture_of_experts_model_type_is_refused_with_the_reason(cfg):
+    cfg["models"]["smollm2-135m"]["model_type"] = "mixtral"
+    with pytest.raises(sp_config.ConfigError) as err:
+        sp_config.validate(cfg)
+    assert str(err.value) == ("models.smollm2-135m.model_type: model_type 'mixtral' is not supported: its MLP is a set "
+                              "of experts (mixture of experts), so there is no single down projection whose input is "
+                              "the key")
+
+
+@pytest.mark.parametrize("model_type", ["opt", "phi3", "gemma3", "qwen3"])
+def test_a_supported_model_type_is_accepted(cfg, model_type):
+    cfg["models"]["smollm2-135m"]["model_type"] = model_type
+    sp_config.validate(cfg)
+
+
 def test_n_layers_is_checked_against_an_existing_snapshot(cfg, tmp_path):
     manifest = tmp_path / "results/models/gemma3-270m/model.json"
     manifest.parent.mkdir(parents=True)

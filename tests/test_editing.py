@@ -150,3 +150,43 @@ def test_one_edit_on_the_offline_model_makes_target_new_the_argmax(smollm2):
     assert out.steps[-1]["prediction_rel_error"] < 1e-10
     assert out.key_mismatch < 1e-4  # the key at edit time is the pipeline's key
     assert torch.equal(module.weight, W_before)  # the base weights are restored after the run
+
+
+@pytest.mark.parametrize("model_type", ["llama", "opt"])  # OPT flattens (batch, seq) before its MLP
+def test_value_search_reads_the_key_and_edits_the_subject_token(model_type):
+    from conftest import tiny_tokenizer
+    from test_models import capture_mlp_input, expected_key
+
+    model, tokenizer = tiny_model(model_type), tiny_tokenizer()
+    fact = Fact(0, "{} is a native speaker of", "Vladimir Mayakovsky", "Russian")
+    layer, subject_index = 1, 1  # "Mayakovsky"
+    module = models.key_module(model, layer)
+    result = editing.optimise_value(model, tokenizer, module, fact, "Spanish", steps=20, lr=0.5, weight_decay=0.0,
+                                    clamp_norm_factor=100.0, early_stop_nll=0.0)
+    ids = torch.as_tensor([tokenizer(fact.text)["input_ids"]])
+    seen = {}
+    handle = capture_mlp_input(model, layer, seen)
+    with torch.no_grad():
+        model(input_ids=ids)
+    handle.remove()
+    want = expected_key(model, layer, seen["x"]).reshape(ids.shape[1], -1)[subject_index]
+    np.testing.assert_allclose(result.key, want.double().numpy(), rtol=1e-5, atol=1e-6)
+
+    def target_nll(delta):
+        def add(mod, args, output):
+            output = output.clone()
+            output.reshape(ids.shape[1], -1)[subject_index] += torch.as_tensor(delta, dtype=output.dtype)
+            return output
+
+        handle = module.register_forward_hook(add)
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, -1]
+        handle.remove()
+        return float(-torch.log_softmax(logits, -1)[tokenizer.convert_tokens_to_ids("Spanish")])
+
+    assert np.linalg.norm(result.delta) > 0
+    # the search's own -log p(target) is what its delta gives added at the subject token (up to its last Adam step),
+    # below the unedited model's (a random tiny model moves little)
+    edited = target_nll(result.delta)
+    assert abs(edited - result.nll) < 1e-3
+    assert edited < target_nll(np.zeros_like(result.delta)) - 0.01

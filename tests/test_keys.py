@@ -133,3 +133,32 @@ def test_bos_moves_every_subject_index_by_one_and_is_refused_without_a_bos(smoll
 def test_leading_special_tokens_are_the_empty_offsets():
     assert keys.leading_special_tokens([(0, 0), (0, 5), (5, 8)]) == 1
     assert keys.leading_special_tokens([(0, 5), (5, 8)]) == 0
+
+
+@pytest.mark.parametrize("model_type", ["llama", "phi3", "opt", "gemma3"])
+def test_prompt_keys_are_the_subject_tokens_mlp_keys_in_tiny_models(model_type):
+    """run_prompts' batched, padded keys equal the key recomputed from the weights for each prompt alone, at the
+    subject's last token, for families whose blocks differ (fused gate_up_proj, OPT's flattened tokens, gemma3's
+    language model under a vision-language model)."""
+    import torch
+
+    from conftest import tiny_model, tiny_tokenizer
+    from test_models import capture_mlp_input, expected_key
+
+    model, tokenizer = tiny_model(model_type), tiny_tokenizer()
+    facts = [FACTS[0], FACTS[2], FACTS[5], FACTS[7]]
+    layers = [0, 2]
+    right = keys.run_prompts(model, tokenizer, facts, layers=layers, predictions=False, batch_size=4)
+    left = keys.run_prompts(model, tokenizer, facts, layers=layers, predictions=True, batch_size=4)
+    assert right.token_index == left.token_index == [1, 3, 2, 5]
+    for i, f in enumerate(facts):
+        ids = tokenizer(f.text)["input_ids"]
+        for j, layer in enumerate(layers):
+            seen = {}
+            handle = capture_mlp_input(model, layer, seen)
+            with torch.no_grad():
+                model(input_ids=torch.as_tensor([ids]))
+            handle.remove()
+            want = expected_key(model, layer, seen["x"]).reshape(len(ids), -1)[right.token_index[i]].numpy()
+            np.testing.assert_allclose(right.keys[i, j], want, rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(left.keys[i, j], want, rtol=1e-4, atol=1e-5)

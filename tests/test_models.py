@@ -1,24 +1,46 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers.activations import ACT2FN
 
 from superposition import models
 from superposition.stats import GramAccumulator
 
-from conftest import FAMILIES, tiny_model
+from conftest import FAMILIES, tiny_model, tiny_tokenizer
 
 
 def expected_key(model, layer: int, x: torch.Tensor) -> torch.Tensor:
-    """The down projection's input recomputed from the weights: act(W_fc x) or act(W_gate x) * (W_up x)."""
-    mlp = models.blocks(model)[layer].mlp
+    """The down projection's input recomputed from the weights and the config's activation: act(W_fc x) or
+    act(W_gate x) * (W_up x), with x the MLP's input."""
+    block = models.blocks(model)[layer]
     t = model.config.model_type
+    if t == "opt":  # fc1 -> ReLU -> fc2 on the decoder layer itself
+        assert model.config.activation_function == "relu"
+        return F.relu(F.linear(x, block.fc1.weight, block.fc1.bias))
+    mlp = block.mlp
     if t == "gpt2":  # Conv1D: weight stored (in, out)
         return mlp.act(x @ mlp.c_fc.weight + mlp.c_fc.bias)
     if t == "gptj":
         return mlp.act(F.linear(x, mlp.fc_in.weight, mlp.fc_in.bias))
     if t == "gpt_neox":
         return mlp.act(F.linear(x, mlp.dense_h_to_4h.weight, mlp.dense_h_to_4h.bias))
-    return mlp.act_fn(F.linear(x, mlp.gate_proj.weight)) * F.linear(x, mlp.up_proj.weight)
+    config = models.text_config(model.config)
+    act = ACT2FN[getattr(config, "hidden_activation", None) or config.hidden_act]  # Gemma: hidden_activation
+    if t == "phi3":  # fused gate_up_proj: rows [0, d_m) are the gate, rows [d_m, 2 d_m) the up projection
+        d_m = config.intermediate_size
+        W = mlp.gate_up_proj.weight
+        assert W.shape[0] == 2 * d_m
+        return act(F.linear(x, W[:d_m])) * F.linear(x, W[d_m:])
+    return act(F.linear(x, mlp.gate_proj.weight)) * F.linear(x, mlp.up_proj.weight)
+
+
+def capture_mlp_input(model, layer: int, seen: dict):
+    """Hook that stores the MLP's input as seen["x"] (OPT: the output of the layer norm before fc1)."""
+    block = models.blocks(model)[layer]
+    if model.config.model_type == "opt":
+        assert model.config.do_layer_norm_before
+        return block.final_layer_norm.register_forward_hook(lambda m, a, out: seen.__setitem__("x", out))
+    return block.mlp.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
@@ -27,13 +49,14 @@ def test_hook_captures_the_mlp_key(model_type):
     ids = torch.randint(0, 101, (2, 9))
     for layer in range(3):
         seen = {}
-        h1 = models.blocks(model)[layer].mlp.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
+        h1 = capture_mlp_input(model, layer, seen)
         h2 = models.key_module(model, layer).register_forward_pre_hook(lambda m, a: seen.__setitem__("k", a[0]))
         with torch.no_grad():
             model(input_ids=ids)
         h1.remove(), h2.remove()
         want = expected_key(model, layer, seen["x"])
         assert seen["k"].shape[-1] == models.architecture(model.config)["d_m"]
+        assert models.batch_tokens(seen["k"], ids.shape).shape == (2, 9, models.key_width(models.key_module(model, 0)))
         torch.testing.assert_close(seen["k"], want, rtol=1e-6, atol=1e-6)
         assert seen["k"].abs().max() > 0
 
@@ -45,6 +68,70 @@ def test_architecture_reads_width_and_depth_from_config(model_type):
     assert arch["n_layers"] == 2
     assert arch["d_m"] == models.key_width(models.key_module(model, 0))
     assert arch["family"] == model_type
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_module_name_is_the_real_path_of_the_key_module(model_type):
+    model = tiny_model(model_type)
+    named = dict(model.named_modules())
+    family = models.family_for(model_type)
+    for layer in range(3):
+        assert named[family.module_name(layer)] is models.key_module(model, layer)
+    d_m = models.architecture(model.config)["d_m"]
+    assert d_m == models.key_width(models.key_module(model, 2)) == (128 if model_type in ("gpt2", "gptj") else 64)
+
+
+MOE_MESSAGE = ("model_type {!r} is not supported: its MLP is a set of experts (mixture of experts), so there is no "
+               "single down projection whose input is the key")
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "gpt_oss"])
+def test_mixture_of_experts_model_types_are_refused_by_name(model_type):
+    with pytest.raises(models.UnsupportedModelError) as err:
+        models.family_for(model_type)
+    assert str(err.value) == MOE_MESSAGE.format(model_type)
+
+
+def test_a_tiny_mixtral_is_refused_before_any_hook():
+    model = tiny_model("mixtral", n_layers=2)
+    for call in (lambda: models.architecture(model.config), lambda: models.blocks(model),
+                 lambda: models.key_module(model, 0)):
+        with pytest.raises(models.UnsupportedModelError) as err:
+            call()
+        assert str(err.value) == MOE_MESSAGE.format("mixtral")
+
+
+def test_experts_are_refused_under_any_model_type():
+    """A config that counts experts, or a block whose MLP holds experts, is refused even for a dense family."""
+    model = tiny_model("llama", n_layers=2)
+    models.blocks(model)[1].mlp.experts = torch.nn.ModuleList()
+    models.key_module(model, 0)  # layer 0 is still dense
+    with pytest.raises(models.UnsupportedModelError, match="'llama' is not supported: its MLP is a set of experts"):
+        models.key_module(model, 1)
+    model.config.num_local_experts = 8
+    with pytest.raises(models.UnsupportedModelError, match="'llama' is not supported: its MLP is a set of experts"):
+        models.architecture(model.config)
+
+
+def test_gemma3_checkpoint_snapshots_and_loads_as_conditional_generation(tmp_path):
+    """A saved Gemma3ForConditionalGeneration (text config under text_config) snapshots as a local model and loads
+    back with models.load, identical logits, its keys under the language model."""
+    model = tiny_model("gemma3")
+    checkpoint = tmp_path / "tiny-gemma3"
+    model.save_pretrained(checkpoint)
+    tiny_tokenizer().save_pretrained(checkpoint)
+    spec = models.ModelSpec.from_config("tiny-gemma3", {"source": "local", "path": str(checkpoint), "n_layers": 3})
+    manifest = models.snapshot(spec, tmp_path / "snapshot", tmp_path / "cache")
+    assert (manifest["model_type"], manifest["family"], manifest["n_layers"], manifest["d_m"]) == ("gemma3", "gemma3",
+                                                                                                  3, 64)
+    loaded, tokenizer = models.load(manifest, "cpu", "float32")
+    assert type(loaded).__name__ == "Gemma3ForConditionalGeneration"
+    assert tokenizer.padding_side == "right"
+    ids = torch.randint(0, 101, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+    assert models.FAMILIES["gemma3"].module_name(2) == "model.language_model.layers.2.mlp.down_proj"
+    assert dict(loaded.named_modules())["model.language_model.layers.2.mlp.down_proj"] is models.key_module(loaded, 2)
 
 
 def test_unknown_family_names_it_and_the_supported_ones():

@@ -19,10 +19,11 @@ def random_docs(n_docs=24, seed=0, vocab=101, max_len=30):
 
 
 def reference_second_moments(model, docs, layers):
-    """Materialise every key of every document, one document at a time (no padding): K^T K / N in float64."""
+    """Materialise every key of every document, one document at a time (no padding): K^T K / N in float64.
+    A batch of one document holds (1, seq, d_m) keys, or (seq, d_m) where the block flattens them (OPT)."""
     keys = {layer: [] for layer in layers}
     handles = [models.key_module(model, layer).register_forward_pre_hook(
-        lambda m, a, layer=layer: keys[layer].append(a[0][0].double())) for layer in layers]
+        lambda m, a, layer=layer: keys[layer].append(a[0].reshape(-1, a[0].shape[-1]).double())) for layer in layers]
     with torch.no_grad():
         for doc in docs:
             model(input_ids=torch.as_tensor(doc, dtype=torch.long)[None])
@@ -62,9 +63,12 @@ def test_second_moment_matches_float64_reference(model_type, gram_tokens, tmp_pa
     sums, count = read_sums(tmp_path / "s.h5")
     ref = reference_second_moments(model, docs, layers)
     assert count == summary["n_tokens"] == sum(len(d) for d in docs) == ref[0][1]
+    # Gemma-2's eager attention takes its softmax in float32 even in a float64 model: padded and unpadded rows then
+    # differ at float32 round-off (measured 3e-9 relative), far below what a masking or merging error gives
+    tolerance = 1e-7 if model_type == "gemma2" else 1e-10
     for layer in layers:
         C = sums[f"layer_{layer}"] / count
-        assert np.linalg.norm(C - ref[layer][0]) <= 1e-10 * np.linalg.norm(ref[layer][0])
+        assert np.linalg.norm(C - ref[layer][0]) <= tolerance * np.linalg.norm(ref[layer][0])
 
 
 @pytest.mark.parametrize("panel", [16, 24, 64])

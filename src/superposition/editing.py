@@ -28,6 +28,7 @@ import scipy.linalg
 from .facts import Fact, FactError
 from .keys import run_prompts, subject_last_index, target_first_token
 from .matrices import gram_whitened, p_matrix
+from .models import batch_tokens
 
 METHODS = ("closed_form", "null_space")
 
@@ -157,13 +158,15 @@ def optimise_value(model, tokenizer, module, fact: Fact, target: str, *, steps: 
 
     def pre_hook(mod, args):
         if "key" not in state:
-            state["key"] = args[0][0, subject_index].detach().double().cpu().numpy()
+            key = batch_tokens(args[0], input_ids.shape)[0, subject_index]
+            state["key"] = key.detach().double().cpu().numpy()
 
     def hook(mod, args, output):
         if "value" not in state:
-            state["value"] = output[0, subject_index].detach().float()
+            state["value"] = batch_tokens(output, input_ids.shape)[0, subject_index].detach().float()
         output = output.clone()
-        output[0, subject_index] = output[0, subject_index] + delta.to(output.dtype)
+        tokens = batch_tokens(output, input_ids.shape)  # a view: editing it edits output
+        tokens[0, subject_index] = tokens[0, subject_index] + delta.to(output.dtype)
         return output
 
     handles = [module.register_forward_pre_hook(pre_hook), module.register_forward_hook(hook)]

@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 
 from .facts import Fact, FactError
-from .models import blocks, key_module
+from .models import batch_tokens, blocks, key_module
 from .provenance import CHECKSUM, ProvenanceError, atomic_path, get_attrs, open_h5, set_attrs
 
 
@@ -135,7 +135,7 @@ def run_prompts(
 
     def make_hook(layer):
         def hook(module, args):
-            x = args[0]
+            x = batch_tokens(args[0], current["shape"])
             captured[layer].append(x[current["rows"], current["cols"]].float().cpu())
         return hook
 
@@ -156,6 +156,7 @@ def run_prompts(
                 cols.append(pad + subject_index[i])
                 last.append(pad + len(seq) - 1)
             positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+            current["shape"] = ids.shape
             current["rows"] = torch.arange(len(seqs), device=device)
             current["cols"] = torch.as_tensor(cols, device=device)
             with torch.inference_mode():

@@ -35,16 +35,17 @@ class Family:
     """Where the key lives in one architecture."""
 
     name: str
-    layers_attr: str  # attribute of the base model holding the ModuleList of blocks
-    mlp_attr: str
+    layers_attr: str  # dotted path, under the base model, of the ModuleList of blocks
+    mlp_attr: str  # the block's MLP submodule; "" where the down projection sits on the block itself (OPT)
     down_attr: str  # the down projection whose *input* is the key
-    d_m_keys: tuple[str, ...]  # config attributes giving the MLP width, first present wins
+    d_m_keys: tuple[str, ...]  # text-config attributes giving the MLP width, first present wins
     ratio_default: int | None = None  # d_m = ratio * hidden when the config leaves it unset (GPT-2/GPT-J)
     base_prefix: str = "model"  # attribute of the CausalLM holding the backbone (for module names)
 
     def module_name(self, layer: int) -> str:
         """Full module path of the down projection, as ROME/MEMIT name their statistics files."""
-        return f"{self.base_prefix}.{self.layers_attr}.{layer}.{self.mlp_attr}.{self.down_attr}"
+        parts = (self.base_prefix, self.layers_attr, str(layer), self.mlp_attr, self.down_attr)
+        return ".".join(part for part in parts if part)
 
 
 _LLAMA_LIKE = dict(layers_attr="layers", mlp_attr="mlp", down_attr="down_proj", d_m_keys=("intermediate_size",))
@@ -52,13 +53,35 @@ FAMILIES: dict[str, Family] = {
     "gpt2": Family("gpt2", "h", "mlp", "c_proj", ("n_inner",), ratio_default=4, base_prefix="transformer"),
     "gptj": Family("gptj", "h", "mlp", "fc_out", ("n_inner",), ratio_default=4, base_prefix="transformer"),
     "gpt_neox": Family("gpt_neox", "layers", "mlp", "dense_4h_to_h", ("intermediate_size",), base_prefix="gpt_neox"),
+    # OPT: fc1 -> ReLU -> fc2 directly on the decoder layer, which flattens (batch, seq) first (see batch_tokens)
+    "opt": Family("opt", "decoder.layers", "", "fc2", ("ffn_dim",)),
     "llama": Family("llama", **_LLAMA_LIKE),
     "mistral": Family("mistral", **_LLAMA_LIKE),
     "qwen2": Family("qwen2", **_LLAMA_LIKE),
+    "qwen3": Family("qwen3", **_LLAMA_LIKE),
+    "olmo2": Family("olmo2", **_LLAMA_LIKE),
+    "smollm3": Family("smollm3", **_LLAMA_LIKE),
+    # Phi-3 fuses gate and up into gate_up_proj; down_proj's input is still act(gate) * up, of width intermediate_size
+    "phi3": Family("phi3", **_LLAMA_LIKE),
     "gemma": Family("gemma", **_LLAMA_LIKE),
     "gemma2": Family("gemma2", **_LLAMA_LIKE),
     "gemma3_text": Family("gemma3_text", **_LLAMA_LIKE),
+    # Gemma-3 checkpoints with a vision tower (Gemma3ForConditionalGeneration): text layers under the language model
+    "gemma3": Family("gemma3", **{**_LLAMA_LIKE, "layers_attr": "language_model.layers"}),
 }
+
+# Mixture-of-experts model_types of transformers: each token's MLP is a routed choice among several experts.
+MOE_MODEL_TYPES = frozenset({
+    "afmoe", "aria", "aria_text", "cohere2_moe", "dbrx", "deepseek_v2", "deepseek_v3", "deepseek_v32", "deepseek_v4",
+    "dots1", "ernie4_5_moe", "ernie4_5_vl_moe", "exaone_moe", "flex_olmo", "glm4_moe", "glm4_moe_lite", "glm4v_moe",
+    "glm4v_moe_text", "glm_moe_dsa", "gpt_oss", "granitemoe", "granitemoehybrid", "granitemoeshared",
+    "granitemoe_swa", "hunyuan_v1_moe", "jamba", "jetmoe", "kimi_linear", "lfm2_moe", "llama4", "llama4_text",
+    "longcat_flash", "minimax", "minimax_m2", "mixtral", "nllb_moe", "olmoe", "phimoe", "qwen2_moe", "qwen3_5_moe",
+    "qwen3_5_moe_text", "qwen3_moe", "qwen3_next", "qwen3_omni_moe", "qwen3_vl_moe", "qwen3_vl_moe_text",
+    "switch_transformers",
+})
+# Config attributes that count experts (any other model_type with more than one expert is refused the same way).
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
 # The packages that ship the offline default models: how to get a GGUF file out of each.
 GGUF_PACKAGES = {
@@ -71,13 +94,36 @@ class UnsupportedModelError(ValueError):
     pass
 
 
+def _mixture_of_experts_error(model_type: str) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"model_type {model_type!r} is not supported: its MLP is a set of experts (mixture of experts), so there is "
+        f"no single down projection whose input is the key"
+    )
+
+
 def family_for(model_type: str) -> Family:
+    if model_type in MOE_MODEL_TYPES:
+        raise _mixture_of_experts_error(model_type)
     try:
         return FAMILIES[model_type]
     except KeyError:
         raise UnsupportedModelError(
             f"model_type {model_type!r} has no family adapter; supported families: {', '.join(sorted(FAMILIES))}"
         ) from None
+
+
+def text_config(config: Any) -> Any:
+    """The language model's config (``config.text_config`` of a multimodal checkpoint such as gemma3)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def family_of_config(config: Any) -> Family:
+    """``family_for(config.model_type)``, refusing also a config that declares several experts."""
+    text = text_config(config)
+    n_experts = [getattr(text, key, None) for key in EXPERT_COUNT_KEYS]
+    if any(isinstance(n, int) and n > 1 for n in n_experts) or getattr(text, "enable_moe_block", False):
+        raise _mixture_of_experts_error(config.model_type)
+    return family_for(config.model_type)
 
 
 @dataclass(frozen=True)
@@ -152,20 +198,20 @@ def _package_version(package: str) -> str | None:
 
 def architecture(config: Any) -> dict[str, Any]:
     """Layer count, MLP width and context length from a transformers config."""
-    family = family_for(config.model_type)
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    n_layers = int(text_config.num_hidden_layers)
-    hidden = int(text_config.hidden_size)
+    family = family_of_config(config)
+    text = text_config(config)
+    n_layers = int(text.num_hidden_layers)
+    hidden = int(text.hidden_size)
     d_m = None
     for key in family.d_m_keys:
-        if getattr(text_config, key, None):
-            d_m = int(getattr(text_config, key))
+        if getattr(text, key, None):
+            d_m = int(getattr(text, key))
             break
     if d_m is None and family.ratio_default:
         d_m = family.ratio_default * hidden
     if d_m is None:
         raise UnsupportedModelError(f"cannot find the MLP width of model_type {config.model_type!r}")
-    context = getattr(text_config, "max_position_embeddings", None) or getattr(text_config, "n_positions", None)
+    context = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
     return {
         "model_type": config.model_type,
         "family": family.name,
@@ -309,18 +355,34 @@ def load(manifest: dict[str, Any], device: str = "auto", dtype: str = "float32")
     return model, tokenizer
 
 
+def _submodule(root, dotted: str):
+    for attr in dotted.split("."):
+        root = getattr(root, attr)
+    return root
+
+
 def blocks(model) -> Any:
-    family = family_for(model.config.model_type)
-    base = model.base_model
-    return getattr(base, family.layers_attr)
+    family = family_of_config(model.config)
+    return _submodule(model.base_model, family.layers_attr)
 
 
 def key_module(model, layer: int):
     """The down projection of ``layer``: its input is the key."""
-    family = family_for(model.config.model_type)
+    family = family_of_config(model.config)
     layer_list = blocks(model)
     check_layers([layer], len(layer_list), model.config.model_type)
-    return getattr(getattr(layer_list[layer], family.mlp_attr), family.down_attr)
+    mlp = _submodule(layer_list[layer], family.mlp_attr) if family.mlp_attr else layer_list[layer]
+    if hasattr(mlp, "experts"):
+        raise _mixture_of_experts_error(model.config.model_type)
+    return getattr(mlp, family.down_attr)
+
+
+def batch_tokens(x, batch_shape):
+    """A down projection's input (or output) as (batch, seq, width): OPT's decoder layer flattens batch and
+    sequence into one dimension before its MLP, every other family keeps them."""
+    if x.dim() == len(batch_shape) + 1:
+        return x
+    return x.view(*batch_shape, x.shape[-1])
 
 
 def check_layers(layers, n_layers: int, model: str) -> None:

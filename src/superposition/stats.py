@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 import h5py
 import numpy as np
 
-from .models import blocks, check_layers, key_module, key_width
+from .models import batch_tokens, blocks, check_layers, key_module, key_width
 from .provenance import CHECKSUM, ProvenanceError, atomic_path, get_attrs, open_h5, set_attrs
 
 GRAM_DTYPES = ("float32", "float64")
@@ -200,7 +200,7 @@ class GramAccumulator:
         last = self.layers[-1]
 
         def hook(module, args):
-            keys = args[0][self._mask].to(self._dtype)
+            keys = batch_tokens(args[0], self._mask.shape)[self._mask].to(self._dtype)
             # a sum is NaN or Inf if any key is: names the batch even when its Gram is computed later
             self._checks.append((layer, "keys", self._torch.isfinite(keys.sum())))
             self._pending[layer].append(keys.T)
