@@ -183,3 +183,22 @@ def test_declared_layer_count_is_checked(tmp_path, smollm2_snapshot):
                                                          "n_layers": 12})
     with pytest.raises(Exception, match="n_layers is 12 in the config but the model has 30"):
         models.snapshot(spec, tmp_path, tmp_path)
+
+
+def test_a_conversion_parses_its_gguf_file_once_and_restores_gguf_after(tmp_path):
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(2)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file()
+    writer.close()
+    original = gguf.GGUFReader
+    with models._gguf_parsed_once():
+        first = gguf.GGUFReader(str(path))
+        assert gguf.GGUFReader(str(path)) is first  # transformers' second and third parse reuse the first
+        assert first.fields["llama.block_count"].contents() == 2
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) is gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+    assert gguf.GGUFReader is original and gguf.GGUFReader(str(path)) is not first

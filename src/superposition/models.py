@@ -14,6 +14,8 @@ Families are chosen by ``config.model_type``, never by the model's name.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib
 import importlib.metadata
 import importlib.util
@@ -271,12 +273,29 @@ def snapshot(spec: ModelSpec, out_dir: str | os.PathLike, cache_dir: str | os.Pa
     return manifest
 
 
+@contextlib.contextmanager
+def _gguf_parsed_once():
+    """transformers parses a GGUF file anew for the tokenizer, the config and the weights (its vocabulary fields
+    take seconds each time) and rebuilds gguf's tensor-name map for every module it maps. Both are pure functions
+    of their arguments, so within one conversion each is made once; the converted files are the same."""
+    import gguf
+
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    gguf.GGUFReader = functools.lru_cache(maxsize=2)(reader)
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
+
+
 def _convert_gguf(gguf_path: Path, hf_dir: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    with _gguf_parsed_once():
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     # The weights are dequantised float32 by now; transformers only refuses to save because the loader marked
     # the model as GGUF-quantised. Dropping that mark saves the plain float32 weights.
     model.hf_quantizer = None
