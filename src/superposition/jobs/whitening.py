@@ -1,4 +1,4 @@
-"""whitening: spectrum, Cholesky factor and C^{-1/2} of one layer's C."""
+"""whitening: spectrum and Cholesky factor of one layer's C."""
 
 from __future__ import annotations
 
