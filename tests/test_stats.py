@@ -1,6 +1,8 @@
+import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -286,50 +288,60 @@ def test_block_names_and_plans_reuse_existing_statistics():
     assert plan_blocks([1], None, [[0, 1, 2], [7]]) == [[0, 1, 2]]
 
 
-CRASH_SCRIPT = textwrap.dedent("""
-    import os, sys, numpy as np
-    sys.path.insert(0, {tests!r})
-    from conftest import tiny_model
-    from test_stats import random_docs
-    from superposition import stats
-    crash = None if sys.argv[1] == "none" else int(sys.argv[1])
-    if crash is not None:  # die like a killed job, without cleanup, once `crash` batches are done
+def run_statistics(out, checkpoint, crash_after=None):
+    """The statistics job of the resume tests: Gram products of >= 50 tokens (about 2 batches) that straddle the
+    checkpoints every 3 batches. With ``crash_after`` the process dies like a killed job, without any cleanup,
+    once that many batches are done (only ever in a child process)."""
+    if crash_after is not None:
         add_batch = stats.GramAccumulator.add_batch
+
         def dying(self, ids, mask, positions, batch_index):
             n = add_batch(self, ids, mask, positions, batch_index)
-            if batch_index + 1 == crash:
+            if batch_index + 1 == crash_after:
                 os._exit(17)
             return n
+
         stats.GramAccumulator.add_batch = dying
-    # Gram products of >= 50 tokens (about 2 batches) that straddle the checkpoints every 3 batches
-    stats.collect_second_moments(tiny_model("gemma3_text"), random_docs(40, max_len=20), [0, 1, 2], sys.argv[2],
-                                 {{"model": "tiny"}}, pad_id=0, max_tokens=40, checkpoint_path=sys.argv[3] or None,
+    stats.collect_second_moments(tiny_model("gemma3_text"), random_docs(40, max_len=20), [0, 1, 2], str(out),
+                                 {"model": "tiny"}, pad_id=0, max_tokens=40,
+                                 checkpoint_path=str(checkpoint) if checkpoint else None,
                                  checkpoint_every=3, gram_tokens=50, progress=False)
-""")
 
 
-def test_killed_job_resumes_to_an_identical_result(tmp_path):
-    from pathlib import Path
-
+def killed_run(tmp_path, out, checkpoint, crash_after=7):
+    """run_statistics in a child process that dies after ``crash_after`` batches (the only subprocess here)."""
     script = tmp_path / "job.py"
-    script.write_text(CRASH_SCRIPT.format(tests=str(Path(__file__).parent)))
-    ckpt, out, ref = tmp_path / "ckpt.h5", tmp_path / "out.h5", tmp_path / "ref.h5"
-    crashed = subprocess.run([sys.executable, str(script), "7", str(out), str(ckpt)], capture_output=True, text=True)
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_stats import run_statistics
+        run_statistics({str(out)!r}, {str(checkpoint)!r}, crash_after={crash_after})
+    """))
+    crashed = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
     assert crashed.returncode == 17, crashed.stderr
-    assert ckpt.exists() and not out.exists()
+    assert checkpoint.exists() and not out.exists()
+
+
+@pytest.fixture(scope="module")
+def undisturbed_sums(tmp_path_factory):
+    """The same job run once without a checkpoint file and once with one that is never needed."""
+    tmp = tmp_path_factory.mktemp("undisturbed")
+    run_statistics(tmp / "plain.h5", None)
+    run_statistics(tmp / "checked.h5", tmp / "unused-checkpoint.h5")
+    return read_sums(tmp / "plain.h5"), read_sums(tmp / "checked.h5")
+
+
+def test_killed_job_resumes_to_an_identical_result(tmp_path, undisturbed_sums, capsys):
+    ckpt, out = tmp_path / "ckpt.h5", tmp_path / "out.h5"
+    killed_run(tmp_path, out, ckpt)
     with h5py.File(ckpt) as f:
         assert int(f.attrs["next_batch"]) == 6
-    resumed = subprocess.run([sys.executable, str(script), "none", str(out), str(ckpt)], capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resuming from" in resumed.stdout and "at batch 6/" in resumed.stdout
+    capsys.readouterr()
+    run_statistics(out, ckpt)
+    printed = capsys.readouterr().out
+    assert "resuming from" in printed and "at batch 6/" in printed
     assert not ckpt.exists()
-    clean = subprocess.run([sys.executable, str(script), "none", str(ref), str(tmp_path / "none.h5")],
-                           capture_output=True, text=True)
-    assert clean.returncode == 0, clean.stderr
-    unchecked = subprocess.run([sys.executable, str(script), "none", str(tmp_path / "plain.h5"), ""],
-                               capture_output=True, text=True)
-    assert unchecked.returncode == 0, unchecked.stderr
-    (a, na), (b, nb), (c, nc) = read_sums(out), read_sums(ref), read_sums(tmp_path / "plain.h5")
+    (a, na), ((b, nb), (c, nc)) = read_sums(out), undisturbed_sums
     assert na == nb == nc
     for key in a:
         assert np.array_equal(a[key], b[key])
@@ -337,27 +349,21 @@ def test_killed_job_resumes_to_an_identical_result(tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["drop_last_layer", "truncate"])
-def test_a_damaged_checkpoint_is_restored_whole_or_not_at_all(damage, tmp_path):
+def test_a_damaged_checkpoint_is_restored_whole_or_not_at_all(damage, tmp_path, undisturbed_sums, capsys):
     """A checkpoint whose later layer cannot be read must not leave the earlier layers' sums restored."""
-    from pathlib import Path
-
-    script = tmp_path / "job.py"
-    script.write_text(CRASH_SCRIPT.format(tests=str(Path(__file__).parent)))
-    ckpt, out, ref = tmp_path / "ckpt.h5", tmp_path / "out.h5", tmp_path / "ref.h5"
-    crashed = subprocess.run([sys.executable, str(script), "7", str(out), str(ckpt)], capture_output=True, text=True)
-    assert crashed.returncode == 17, crashed.stderr
+    ckpt, out = tmp_path / "ckpt.h5", tmp_path / "out.h5"
+    killed_run(tmp_path, out, ckpt)
     if damage == "drop_last_layer":
         with h5py.File(ckpt, "a") as f:
             del f["layer_2"]
     else:
         data = ckpt.read_bytes()
         ckpt.write_bytes(data[: len(data) * 2 // 3])
-    resumed = subprocess.run([sys.executable, str(script), "none", str(out), str(ckpt)], capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "not resumed" in resumed.stdout and "resuming from" not in resumed.stdout
-    clean = subprocess.run([sys.executable, str(script), "none", str(ref), ""], capture_output=True, text=True)
-    assert clean.returncode == 0, clean.stderr
-    (a, na), (b, nb) = read_sums(out), read_sums(ref)
+    capsys.readouterr()
+    run_statistics(out, ckpt)
+    printed = capsys.readouterr().out
+    assert "not resumed" in printed and "resuming from" not in printed
+    (a, na), (b, nb) = read_sums(out), undisturbed_sums[0]
     assert na == nb
     for key in b:
         assert np.array_equal(a[key], b[key]), key

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -14,8 +17,29 @@ REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 
+def _without_slurm_probe(env: dict | None) -> dict:
+    """The environment with a ``scontrol`` that fails at once in front of PATH.
+
+    Snakemake imports every installed executor plugin at start; the SLURM plugin then runs ``scontrol show config``
+    (snakemake-executor-plugin-slurm's job_status_query.get_min_job_age), which waits 9 s for a controller where
+    SLURM's client is installed but no slurmctld runs, as here outside tests/test_slurm.py (which starts one and
+    does not use this helper). A failing scontrol is what the plugin expects where there is no cluster.
+    """
+    env = dict(os.environ if env is None else env)
+    if shutil.which("scontrol", path=env.get("PATH")):
+        shim = Path(tempfile.gettempdir()) / f"superposition-no-slurm-{os.getuid()}"
+        if not (shim / "scontrol").is_file():
+            shim.mkdir(exist_ok=True)
+            (shim / "scontrol.tmp").write_text("#!/bin/sh\nexit 1\n")
+            (shim / "scontrol.tmp").chmod(0o755)
+            (shim / "scontrol.tmp").replace(shim / "scontrol")
+        env["PATH"] = f"{shim}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
 def snakemake(*args, cwd=REPO, check=True, env=None):
-    proc = subprocess.run([*SNAKEMAKE, *args], cwd=cwd, capture_output=True, text=True, timeout=900, env=env)
+    proc = subprocess.run([*SNAKEMAKE, *args], cwd=cwd, capture_output=True, text=True, timeout=900,
+                          env=_without_slurm_probe(env))
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
