@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
+import select
 import shutil
 import subprocess
 import sys
@@ -37,9 +39,56 @@ def _without_slurm_probe(env: dict | None) -> dict:
     return env
 
 
+class _Server:
+    """One tests/snakemake_server.py process: Snakemake imported once, every dry run in a forked child."""
+
+    def __init__(self, env: dict):
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("snakemake_server.py"))],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self._answer(120)  # "ready"
+
+    def _answer(self, timeout: float) -> str:
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line:
+            self.proc.kill()
+            raise AssertionError(f"the Snakemake test server gave no answer within {timeout} s")
+        return line
+
+    def run(self, args, cwd, env: dict) -> subprocess.CompletedProcess:
+        with tempfile.TemporaryDirectory() as tmp:
+            out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
+            extra = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+            request = {"argv": list(args), "cwd": str(cwd), "env": env, "sys_path": extra,
+                       "stdout": str(out), "stderr": str(err)}
+            self.proc.stdin.write(json.dumps(request) + "\n")
+            self.proc.stdin.flush()
+            code = json.loads(self._answer(900))["returncode"]
+            return subprocess.CompletedProcess([*SNAKEMAKE, *args], code, out.read_text(), err.read_text())
+
+
+_IDLE_SERVERS: "queue.SimpleQueue[_Server]" = queue.SimpleQueue()
+
+
+def _dry_run(args, cwd, env: dict) -> subprocess.CompletedProcess:
+    try:
+        server = _IDLE_SERVERS.get_nowait()
+    except queue.Empty:
+        server = _Server(_without_slurm_probe(None))
+    try:
+        return server.run(args, cwd, env)
+    finally:
+        _IDLE_SERVERS.put(server)
+
+
 def snakemake(*args, cwd=REPO, check=True, env=None):
-    proc = subprocess.run([*SNAKEMAKE, *args], cwd=cwd, capture_output=True, text=True, timeout=900,
-                          env=_without_slurm_probe(env))
+    """``python -m snakemake *args``; dry runs (``-n``) go to a forked child of a server that has Snakemake
+    imported already (tests/snakemake_server.py), everything else to a fresh interpreter."""
+    env = _without_slurm_probe(env)
+    if "-n" in args:
+        proc = _dry_run(args, cwd, env)
+    else:
+        proc = subprocess.run([*SNAKEMAKE, *args], cwd=cwd, capture_output=True, text=True, timeout=900, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
