@@ -153,3 +153,14 @@ def tiny_run(tmp_path_factory, smollm2_snapshot):
     )
     snakemake("--configfile", str(cfg), "--cores", "2")
     return tmp, cfg
+
+
+# Tests that need a converted offline model, a run of the tiny workflow or the SLURM cluster are marked slow from
+# the fixtures they use (so a new test is marked by what it needs): `pytest -m "not slow"` is the quick loop.
+SLOW_FIXTURES = {"smollm2_snapshot", "smollm2", "gemma3_snapshot", "tiny_run", "slurm_cluster"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
