@@ -75,6 +75,10 @@ def every_layer_of(model):
 # layers only); the plan says so when that differs from what the config alone would give.
 BLOCKS = {}
 for _model in MODELS:
+    # imported statistics: no corpus, no statistics jobs
+    if sp_config.is_imported(config, _model):
+        BLOCKS[_model] = []
+        continue
     BLOCKS[_model], _notes = sp_config.layer_blocks(config, _model)
     for _note in _notes:
         logger.info(_note)
@@ -100,6 +104,28 @@ def stats_for_layer(wildcards):
         res(f"stats/{wildcards.model}/shard-{shard}.block-{block}.h5")
         for shard in SHARDS
     ]
+
+
+def covariance_inputs(wildcards):
+    """The covariance's inputs: the shards' sums and the corpus manifest, or for a model whose statistics are
+    imported (models.<name>.statistics) the layer's source file and the key scale its check compares with.
+    """
+    model = wildcards.model
+    inputs = {"model": res(f"models/{model}/model.json")}
+    if sp_config.is_imported(config, model):
+        inputs["source"] = str(sp_config.imported_file(config, model, wildcards.layer))
+        inputs["key_scale"] = res(f"imports/{model}/key_scale.json")
+    else:
+        inputs["manifest"] = res(f"corpus/{model}/manifest.json")
+        inputs["stats"] = stats_for_layer(wildcards)
+    return inputs
+
+
+def corpus_manifest_of(wildcards):
+    """The corpus manifest of a computed model (none for imported statistics)."""
+    if sp_config.is_imported(config, wildcards.model):
+        return []
+    return res(f"corpus/{wildcards.model}/manifest.json")
 
 
 def prediction_files(wildcards):

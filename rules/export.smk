@@ -1,6 +1,7 @@
 # Statistics in ROME's cache layout, for ROME/MEMIT/EasyEdit/AlphaEdit users: `snakemake rome_stats`.
-# One job per model: the file names carry the sample size actually used (the corpus manifest's document count),
-# and a manifest beside the files holds each file's sha256 and the provenance.
+# One job per model: the file names carry the sample size actually used (the corpus manifest's document count, or
+# for imported statistics the one their files declare), and a manifest beside the files holds each file's sha256 and
+# the provenance.
 
 
 rule export_rome:
@@ -10,7 +11,7 @@ rule export_rome:
             res(f"covariance/{w.model}/layer-{layer}.h5")
             for layer in layers_of(w.model)
         ],
-        manifest=res("corpus/{model}/manifest.json"),
+        manifest=corpus_manifest_of,
     output:
         stats=directory(res("rome_stats/{model}/wikipedia_stats")),
         manifest=res("rome_stats/{model}/manifest.json"),

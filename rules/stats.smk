@@ -23,11 +23,10 @@ rule activation_stats:
         "../workflow/scripts/activation_stats.py"
 
 
+# One rule for computed and imported statistics (covariance_inputs): the shards' sums, or the layer's imported file.
 rule covariance:
     input:
-        model=res("models/{model}/model.json"),
-        manifest=res("corpus/{model}/manifest.json"),
-        stats=stats_for_layer,
+        unpack(covariance_inputs),
     output:
         res("covariance/{model}/layer-{layer}.h5"),
     log:
@@ -43,6 +42,28 @@ rule covariance:
         **rule_params("covariance"),
     script:
         "../workflow/scripts/covariance.py"
+
+
+# Imported statistics only: ||k||^2 over a fixed probe text, the scale their sum-vs-mean check compares with.
+rule key_scale:
+    input:
+        model=res("models/{model}/model.json"),
+    output:
+        res("imports/{model}/key_scale.json"),
+    log:
+        res("logs/key_scale/{model}.log"),
+    benchmark:
+        res("benchmarks/key_scale/{model}.tsv")
+    conda:
+        "../envs/superposition.yaml"
+    threads: stats_threads()
+    resources:
+        mem_mb=16000,
+    params:
+        **rule_params("key_scale"),
+        layers=lambda w: layers_of(w.model),
+    script:
+        "../workflow/scripts/key_scale.py"
 
 
 rule whitening:

@@ -14,9 +14,10 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import h5py
 import pytest
 import yaml
-from workflow_helpers import REPO, job_counts, snakemake
+from workflow_helpers import REPO, job_counts, snakemake, write_rome_stats
 
 from superposition import settings
 
@@ -59,6 +60,11 @@ CONFIG_CHANGES = {
     "models.*.params_millions": ({"models.tiny.params_millions": 2.5}, FIGURES),
     "models.*.layers": ({"models.tiny.layers": [0, 1]}, FEWER_LAYERS),
     "models.*.layer_block_size": ({"models.tiny.layer_block_size": 1}, set()),
+    # importing the tiny run's own C in ROME's layout: a new key_scale job, and covariance on reads the imported files
+    "models.*.statistics.source": ({"models.tiny.statistics.source": "rome_npz",
+                                    "models.tiny.statistics.path": "{tmp}/rome-in"}, {"key_scale"} | FROM_COVARIANCE),
+    "models.*.statistics.path": ({"models.tiny.statistics.path": "{tmp}/rome-in"}, set()),  # ignored when computed
+    "models.*.statistics.n_tokens": ({"models.tiny.statistics.n_tokens": 1000}, set()),  # ignored when computed
     "layers": ({"layers": [0, 1]}, FEWER_LAYERS),
     "corpus.source": ({"corpus.source": "local", "corpus.path": "{tmp}/corpus.txt"}, FROM_CORPUS),
     "corpus.path": ({"corpus.path": "{tmp}/corpus.txt"}, set()),  # ignored for wiki_offline
@@ -169,6 +175,10 @@ def test_every_config_key_reruns_exactly_what_reads_it(tiny_run):
     base = yaml.safe_load(cfg_path.read_text())
     (tmp / "corpus.txt").write_text("\n\n".join(f"Document {i} about the history of a small town." for i in range(40)))
     shutil.copy(tmp / "facts.json", tmp / "facts-copy.json")
+    for layer in range(3):  # the run's own C in ROME's layout, for models.*.statistics.source
+        with h5py.File(tmp / f"results/covariance/tiny/layer-{layer}.h5") as f:
+            C, n = f["C"][()], int(f.attrs["n_tokens"])
+        write_rome_stats(tmp / "rome-in", f"model.layers.{layer}.mlp.down_proj", C * n, n, precision="float64")
     cases = {name: change for name, change in CONFIG_CHANGES.items() if change[1] is not None}
     paths = {name: _changed_config(tmp, base, name, changes) for name, (changes, _) in cases.items()}
     with ThreadPoolExecutor(2) as pool:

@@ -13,6 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -148,3 +149,24 @@ def tiny_settings(tmp: Path) -> dict:
         facts={"source": "file", "path": str(tmp / "facts.json"), "m": 4, "case_ids": [4, 0, 1, 2, 3]},
         stats={"checkpoint_every": 2, "max_tokens_per_batch": 256},
     )
+
+
+# ROME's boxed None (util/runningstats.py null_numpy_value: the NaN with the bits 0xfff8000000000002)
+ROME_NULL = numpy.array(0xFFF8000000000002, dtype=numpy.uint64).view(numpy.float64)
+
+
+def write_rome_stats(folder: Path, module_name: str, total, count: int, *, precision: str = "float32",
+                     sample_size: int | None = 100000) -> Path:
+    """A statistics file exactly as ROME's layer_stats caches it, written from their documented format (not with
+    our exporter): tally() saves CombinedStat(mom2=SecondMoment()).state_dict() plus its args ({"sample_size": ...})
+    with numpy.savez(cachefile, **box_numpy_null(dat)); SecondMoment.state_dict() is {"constructor":
+    "util.runningstats.SecondMoment()", "count": self.count, "mom2": self.mom2 (the sum of a^T a)}, and CombinedStat
+    prefixes each key with "mom2.". The name is f"{layer_name}_{precision}_mom2{size_suffix}.npz"."""
+    dat = {"mom2.constructor": "util.runningstats.SecondMoment()", "mom2.count": count,
+           "mom2.mom2": numpy.asarray(total).astype(precision), "sample_size": sample_size}
+    boxed = {k: (ROME_NULL if v is None else v) for k, v in dat.items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    suffix = "" if sample_size is None else f"_{sample_size}"
+    path = folder / f"{module_name}_{precision}_mom2{suffix}.npz"
+    numpy.savez(path, **boxed)
+    return path

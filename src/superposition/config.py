@@ -166,6 +166,77 @@ def edit_layer(config: dict[str, Any], name: str) -> int:
     return int(requested)
 
 
+def statistics_of(config: dict[str, Any], name: str) -> dict[str, Any]:
+    """models.{name}.statistics with its defaults: where the model's C comes from."""
+    entry = (config["models"][name] or {}).get("statistics") or {}
+    return {"source": entry.get("source") or "computed", "path": entry.get("path"), "n_tokens": entry.get("n_tokens")}
+
+
+def is_imported(config: dict[str, Any], name: str) -> bool:
+    """True when the model's statistics are imported: it has no corpus and no statistics jobs."""
+    return statistics_of(config, name)["source"] != "computed"
+
+
+def model_type_of(config: dict[str, Any], name: str) -> str:
+    """The model's family name before its snapshot is needed: the snapshot manifest, the config's model_type, a local
+    checkpoint's config.json, or the hub cache (for the module names of imported statistics files)."""
+    spec = model_specs(config)[name]
+    manifest = Path(config.get("results", DEFAULT_RESULTS)) / "models" / name / "model.json"
+    if manifest.is_file():
+        return json.loads(manifest.read_text())["model_type"]
+    if (config["models"][name] or {}).get("model_type"):
+        return config["models"][name]["model_type"]
+    candidates = []
+    if spec.source == "local":
+        candidates.append(Path(spec.path).expanduser() / "config.json")
+    if spec.source == "hub":
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(spec.id, "config.json", revision=spec.revision)
+            if isinstance(cached, str):
+                candidates.append(Path(cached))
+        except Exception:  # noqa: BLE001 - the cache is only a shortcut
+            pass
+    for path in candidates:
+        if path.is_file() and json.loads(path.read_text()).get("model_type"):
+            return json.loads(path.read_text())["model_type"]
+    raise ConfigError(f"models.{name}.statistics: the statistics files are named after the model's modules, but its "
+                      f"model_type is not known before the download; set models.{name}.model_type (e.g. llama, gpt2)")
+
+
+def imported_file(config: dict[str, Any], name: str, layer: int) -> Path:
+    """The imported statistics file of one layer (exactly one must match; see stats.rome_file_for)."""
+    from . import stats
+
+    source = statistics_of(config, name)
+    module = family_for(model_type_of(config, name)).module_name(int(layer))
+    try:
+        if source["source"] == "rome_npz":
+            return stats.rome_file_for(Path(source["path"]).expanduser(), module)
+        if source["source"] == "mean_npy":
+            return stats.mean_file_for(source["path"], int(layer), module)
+    except stats.ImportedStatisticsError as err:
+        raise ConfigError(f"models.{name}.statistics.path: {err}") from None
+    raise ConfigError(f"models.{name}.statistics.source is {source['source']!r}: nothing is imported")
+
+
+def _validate_statistics(config: dict[str, Any], name: str) -> None:
+    source = statistics_of(config, name)
+    if source["source"] == "computed":
+        return
+    if not source["path"]:
+        what = "the folder of ROME's .npz files" if source["source"] == "rome_npz" else \
+            "a file pattern with {layer}, e.g. stats/layer-{layer}.npy"
+        raise ConfigError(f"models.{name}.statistics.source is {source['source']!r} but models.{name}.statistics.path "
+                          f"is not set: name {what}")
+    if source["source"] == "mean_npy" and not source["n_tokens"]:
+        raise ConfigError(f"models.{name}.statistics.source is 'mean_npy' but models.{name}.statistics.n_tokens is "
+                          f"not set: a bare mean needs the number of tokens it was estimated from")
+    for layer in model_layers(config, name):
+        imported_file(config, name, layer)
+
+
 def validate(config: dict[str, Any]) -> None:
     """Semantic checks after the JSON schema: every model resolvable, its layers in range, m sensible."""
     try:
@@ -174,6 +245,12 @@ def validate(config: dict[str, Any]) -> None:
         raise ConfigError(str(err)) from None
     for name in specs:
         model_layers(config, name)
+        if (config["models"][name] or {}).get("model_type"):
+            try:
+                family_for(config["models"][name]["model_type"])
+            except UnsupportedModelError as err:
+                raise ConfigError(f"models.{name}.model_type: {err}") from None
+        _validate_statistics(config, name)
     facts = config["facts"]
     if facts.get("case_ids") and facts.get("prompt_mode") == "exclude_first":
         raise ConfigError("facts.prompt_mode exclude_first filters the known-fact selection, which explicit "
@@ -203,9 +280,3 @@ def validate(config: dict[str, Any]) -> None:
     low, high, _ = (config.get("summaries") or {}).get("kde_grid", [-1.5, 1.5, 601])
     if not low < high:
         raise ConfigError(f"summaries.kde_grid is {[low, high, _]}: its minimum must be below its maximum")
-    for name, entry in config["models"].items():
-        if (entry or {}).get("model_type"):
-            try:
-                family_for(entry["model_type"])
-            except UnsupportedModelError as err:
-                raise ConfigError(f"models.{name}.model_type: {err}") from None

@@ -133,7 +133,10 @@ def rule_settings(config: dict[str, Any], rule: str, model: str | None = None) -
             continue
         if key.per_model:
             for name in _models_of(config, model):
-                out.setdefault("models", {}).setdefault(name, {})[key.path[-1]] = value_of(config, key, name)
+                node = out.setdefault("models", {}).setdefault(name, {})
+                for part in key.path[2:-1]:  # nested per-model keys (models.*.statistics.source)
+                    node = node.setdefault(part, {})
+                node[key.path[-1]] = value_of(config, key, name)
         else:
             node = out
             for part in key.path[:-1]:
@@ -176,8 +179,9 @@ def result_params(config: dict[str, Any], rule: str) -> dict[str, Callable[[Any]
 
 def _per_model_param(config: dict[str, Any], key: Key, wildcards: Any) -> str:
     names = _models_of(config, wildcards.get("model"))
-    return "; ".join(f"models.{n}.{key.path[-1]} = {_canonical(value_of(config, key, n))}" if matters(config, key, n)
-                     else f"models.{n}.{key.path[-1]}: not used" for n in names)
+    sub = ".".join(key.path[2:])
+    return "; ".join(f"models.{n}.{sub} = {_canonical(value_of(config, key, n))}" if matters(config, key, n)
+                     else f"models.{n}.{sub}: not used" for n in names)
 
 
 def job_settings(smk: Any) -> dict[str, Any]:

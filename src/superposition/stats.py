@@ -448,20 +448,298 @@ def read_covariance(path, *, model: str, layer: int, d_m: int) -> tuple[np.ndarr
     return C, attrs
 
 
-def export_rome_npz(path, second_moment: np.ndarray, count: int, sample_size: int) -> None:
+def export_rome_npz(path, second_moment: np.ndarray, count: int, sample_size: int | None) -> None:
     """A layer's statistics in the npz layout ROME/MEMIT/EasyEdit/AlphaEdit read from their stats cache.
 
     ``mom2.mom2`` is the *sum* of k k^T (their SecondMoment divides by ``mom2.count`` itself), stored float32 as
     the ``_float32_`` in their file name says; ``sample_size`` is the number of corpus documents, which their cache
-    loader compares with its own setting. Plain arrays only: their loader needs no pickle.
+    loader compares with its own setting (None, statistics over a whole dataset, stored as their boxed null).
+    Plain arrays only: their loader needs no pickle.
     """
+    boxed_null = np.array(_ROME_NULL_BITS, dtype=np.uint64).view(np.float64)
     state = {
         "constructor": np.array("util.runningstats.CombinedStat()"),
         "mom2.constructor": np.array("util.runningstats.SecondMoment()"),
         "mom2.count": np.array(count, dtype=np.int64),
         "mom2.mom2": (second_moment * count).astype(np.float32),
-        "sample_size": np.array(sample_size, dtype=np.int64),
+        "sample_size": boxed_null if sample_size is None else np.array(sample_size, dtype=np.int64),
     }
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as handle:
             np.savez(handle, **state)
+
+
+# ------------------------------------------------------------------------------------------ importing
+#
+# Statistics computed elsewhere, in ROME's cache layout (ROME, MEMIT, EasyEdit and AlphaEdit share it) or as bare
+# means, replace the corpus and the statistics jobs of a model (models.<name>.statistics). ROME's layer_stats names a
+# file f"{layer_name}_{precision}_{'-'.join(sorted(to_collect))}{size_suffix}.npz" with size_suffix "" (the whole
+# dataset) or f"_{sample_size}", preceded by the literal "_t{batch_tokens}" (their f-string is missing) when
+# batch_tokens is below the context length. The npz is their CombinedStat's state_dict: "mom2.mom2" the float32 or
+# float64 *sum* of k k^T over "mom2.count" tokens, "mom2.constructor" a string, "sample_size" the document count
+# (None boxed as a NaN with the payload 0xfff8000000000002). Nothing is ever loaded with pickle.
+
+IMPORT_SOURCES = ("rome_npz", "mean_npy")
+ROME_PRECISIONS = ("float32", "float64")
+ROME_STAT_NAMES = ("mean", "mom2", "norm_mean")  # ROME's STAT_TYPES: the parts of the "-"-joined stats field
+# |S - S^T| <= SYMMETRY_TOL * max|S|: sums accumulated in float32 (ROME's default precision) differ from their
+# transpose by rounding only, far below this; a matrix that is not a second moment (a cross-covariance, two
+# matrices mixed up) is far above it.
+SYMMETRY_TOL = 1e-4
+# smallest eigenvalue >= -PSD_TOL * largest: rounding the entries of S to float32 moves its eigenvalues by at most
+# eps32 * ||S||_F <= 1.2e-7 * sqrt(d_m) * lambda_max (Weyl), below 1e-4 * lambda_max for any d_m up to 690,000;
+# a second moment is positive semi-definite, so a more negative eigenvalue means the file holds something else
+# (e.g. a centred covariance minus a correction, or damaged numbers).
+PSD_TOL = 1e-4
+_ROME_NULL_BITS = 0xFFF8000000000002
+
+
+class ImportedStatisticsError(ProvenanceError):
+    """An imported statistics file is missing, ambiguous or does not hold a valid key second moment."""
+
+
+def rome_file_regex(module_name: str) -> "re.Pattern[str]":
+    import re
+
+    stat = "|".join(ROME_STAT_NAMES)
+    return re.compile(rf"{re.escape(module_name)}_(?P<precision>float16|float32|float64)_"
+                      rf"(?P<stats>(?:{stat})(?:-(?:{stat}))*)(?P<batch_tokens>_t(?:\d+|\{{batch_tokens\}}))?"
+                      rf"(?:_(?P<sample_size>\d+))?\.npz")
+
+
+def rome_file_for(folder: str | os.PathLike, module_name: str) -> Path:
+    """The one ROME statistics file of a module in ``folder``: float32 or float64, any sample size, holding mom2.
+
+    No file, or more than one, is an error naming what was expected (or both candidates)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ImportedStatisticsError(f"{folder} is not a folder (it should hold ROME's statistics files, e.g. "
+                                      f"{module_name}_float32_mom2_100000.npz)")
+    pattern = rome_file_regex(module_name)
+    found, refused = [], []
+    for path in sorted(folder.iterdir()):
+        hit = pattern.fullmatch(path.name)
+        if hit and "mom2" in hit.group("stats").split("-"):
+            (found if hit.group("precision") in ROME_PRECISIONS else refused).append(path)
+    if refused and not found:
+        raise ImportedStatisticsError(
+            f"{folder}: {', '.join(p.name for p in refused)} is float16, refused (a float16 sum of k k^T loses the "
+            f"small eigenvalues C^-1 depends on); recompute it with precision float32 or float64")
+    if not found:
+        raise ImportedStatisticsError(f"{folder} has no ROME statistics file for {module_name}: expected "
+                                      f"{module_name}_float32_mom2_<sample_size>.npz (or _float64_)")
+    if len(found) > 1:
+        raise ImportedStatisticsError(f"{folder} has {len(found)} ROME statistics files for {module_name}, expected "
+                                      f"exactly one: {', '.join(str(p) for p in found)}; move the others away")
+    return found[0]
+
+
+def mean_file_for(pattern: str, layer: int, module_name: str) -> Path:
+    """The bare-mean file of a layer: ``pattern`` with {layer} and {module} filled in."""
+    if "{layer}" not in pattern and "{module}" not in pattern:
+        raise ImportedStatisticsError(f"the pattern {pattern!r} has neither {{layer}} nor {{module}}: every layer "
+                                      f"needs its own file, e.g. stats/layer-{{layer}}.npy")
+    path = Path(pattern.replace("{layer}", str(layer)).replace("{module}", module_name)).expanduser()
+    if not path.is_file():
+        raise ImportedStatisticsError(f"no file {path} for layer {layer} (pattern {pattern!r})")
+    return path
+
+
+def _scalar(value: np.ndarray, what: str, path) -> Any:
+    if value.shape != ():
+        raise ImportedStatisticsError(f"{path}: {what} has shape {value.shape}, expected a scalar")
+    if value.dtype.kind == "f" and np.isnan(value):
+        bits = int(np.asarray(value, dtype=np.float64).view(np.uint64))
+        if bits == _ROME_NULL_BITS:
+            return None  # ROME's boxed None
+        raise ImportedStatisticsError(f"{path}: {what} is NaN")
+    return value.item()
+
+
+def read_rome_npz(path: str | os.PathLike) -> dict[str, Any]:
+    """The second moment a ROME npz holds, without pickle: ``sum`` (as stored), ``count``, what the file says about
+    itself (sample size, constructors) and the precision its name declares."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {name: data[name] for name in data.files}
+    except ValueError as err:  # object arrays need pickle
+        raise ImportedStatisticsError(f"{path} cannot be read without pickle ({err}); refused") from None
+    except (OSError, EOFError) as err:
+        raise ImportedStatisticsError(f"{path} is not a readable npz file ({err})") from None
+    missing = [k for k in ("mom2.mom2", "mom2.count") if k not in arrays]
+    if missing:
+        raise ImportedStatisticsError(f"{path} lacks {', '.join(missing)} (it holds {', '.join(sorted(arrays))}): "
+                                      f"not a ROME statistics file with mom2")
+    count = _scalar(arrays["mom2.count"], "mom2.count", path)
+    if not isinstance(count, (int, float)) or isinstance(count, bool) or float(count) != int(count) or count <= 0:
+        raise ImportedStatisticsError(f"{path}: mom2.count is {count!r}, expected a positive token count")
+    total = arrays["mom2.mom2"]
+    hit = None
+    for precision in ROME_PRECISIONS:
+        if f"_{precision}_" in path.name:
+            hit = precision
+    if hit is not None and total.dtype != np.dtype(hit):
+        raise ImportedStatisticsError(f"{path}: its name says {hit} but mom2.mom2 is {total.dtype}")
+    strings = {k: str(v.item()) for k, v in arrays.items() if v.dtype.kind == "U" and v.shape == ()}
+    return {
+        "sum": total,
+        "count": int(count),
+        "sample_size": _scalar(arrays["sample_size"], "sample_size", path) if "sample_size" in arrays else None,
+        "stored_dtype": str(total.dtype),
+        "constructors": {k: v for k, v in strings.items() if k.endswith("constructor")},
+        "entries": sorted(arrays),
+    }
+
+
+def check_second_moment(C: np.ndarray, *, d_m: int, path) -> dict[str, float]:
+    """A key second moment: square, d_m wide, finite, symmetric and positive semi-definite to tolerance.
+    Returns the checked figures (for the provenance)."""
+    import scipy.linalg
+
+    if C.ndim != 2 or C.shape[0] != C.shape[1]:
+        raise ImportedStatisticsError(f"{path}: the second moment has shape {C.shape}, expected a square matrix")
+    if C.shape[0] != d_m:
+        raise ImportedStatisticsError(f"{path}: the second moment is {C.shape[0]} wide but the model's keys are "
+                                      f"d_m = {d_m} wide (another model or layer?)")
+    if not np.isfinite(C).all():
+        raise ImportedStatisticsError(f"{path}: the second moment holds {int((~np.isfinite(C)).sum())} NaN or Inf "
+                                      f"entries")
+    scale = float(np.abs(C).max())
+    asymmetry = float(np.abs(C - C.T).max())
+    if asymmetry > SYMMETRY_TOL * scale:
+        raise ImportedStatisticsError(f"{path}: the second moment is not symmetric: max |C - C^T| = {asymmetry:.3e} "
+                                      f"against max |C| = {scale:.3e} (tolerance {SYMMETRY_TOL:g} relative)")
+    eigenvalues = scipy.linalg.eigvalsh((C + C.T) / 2)
+    smallest, largest = float(eigenvalues[0]), float(eigenvalues[-1])
+    if largest <= 0 or smallest < -PSD_TOL * largest:
+        raise ImportedStatisticsError(
+            f"{path}: the second moment is not positive semi-definite: smallest eigenvalue {smallest:.3e}, largest "
+            f"{largest:.3e} (an uncentred second moment has none below -{PSD_TOL:g} x the largest)")
+    return {"max_asymmetry": asymmetry, "min_eigenvalue": smallest, "max_eigenvalue": largest}
+
+
+def check_sum_or_mean(C: np.ndarray, n_tokens: int, key_scale: dict[str, float], *, claimed: str, path) -> float:
+    """Catch the sum-vs-mean confusion; returns trace(C) / the key scale.
+
+    A file cannot say whether it holds a sum or a mean: the two differ by the factor N (its token count) alone. The
+    reference is the key scale of the model itself, E||k||^2 over a short fixed probe text (the key_scale job, one
+    forward pass), which trace(C) = E||k||^2 over the corpus should match within a modest factor (another text,
+    heavy-tailed norms). If the file holds the other kind, the ratio r = trace(C) / scale is off by N instead. The
+    rule decides for the hypothesis nearer in log scale: the geometric midpoint of 1 and 1/N (or N) is 1/sqrt(N)
+    (or sqrt(N)). claimed "sum" (ROME's mom2.mom2, divided by mom2.count): an error when r < 1/sqrt(N), i.e. the
+    file is nearer to holding a mean already; checked against the probe's *median* ||k||^2 (smaller than its mean
+    when a few attention-sink keys are large: the conservative side). claimed "mean" (a bare mean with the declared
+    n_tokens): an error when r > sqrt(N), i.e. the file is nearer to holding a sum; checked against the probe's
+    *mean* ||k||^2 (the larger one: again the conservative side). With N = 10^5 tokens, a real C would have to be
+    300 times off the probe's scale to be refused.
+    """
+    trace = float(np.trace(C))
+    limit = float(np.sqrt(n_tokens))
+    if claimed == "sum":
+        ratio = trace / float(key_scale["median"])
+        if ratio < 1.0 / limit:
+            raise ImportedStatisticsError(
+                f"{path}: mom2.mom2 looks like a mean, not ROME's sum: trace(mom2.mom2 / mom2.count) = {trace:.3e} "
+                f"is {ratio:.3e} times the model's median key norm^2 {key_scale['median']:.3e} on the probe text, "
+                f"below 1/sqrt(mom2.count) = {1 / limit:.3e} (a mean divided by the count again would be about "
+                f"1/{n_tokens} of it). Store the sum (mean x count) in mom2.mom2, or import the file as a bare mean "
+                f"(source mean_npy)")
+    elif claimed == "mean":
+        ratio = trace / float(key_scale["mean"])
+        if ratio > limit:
+            raise ImportedStatisticsError(
+                f"{path}: the file looks like a sum, not a mean: its trace {trace:.3e} is {ratio:.3e} times the "
+                f"model's mean key norm^2 {key_scale['mean']:.3e} on the probe text, above sqrt(n_tokens) = "
+                f"{limit:.3e} (a sum over the declared n_tokens = {n_tokens} would be about {n_tokens} times it). "
+                f"Divide it by its token count, or check n_tokens")
+    else:
+        raise ValueError(f"claimed must be 'sum' or 'mean', got {claimed!r}")
+    return ratio
+
+
+def import_rome_npz(path: str | os.PathLike, *, d_m: int, key_scale: dict[str, float]
+                    ) -> tuple[np.ndarray, dict[str, Any]]:
+    """C = mom2.mom2 / mom2.count (float64) of a ROME statistics file, checked; and what the file says."""
+    state = read_rome_npz(path)
+    count = state["count"]
+    C = state["sum"].astype(np.float64) / count
+    checks = check_second_moment(C, d_m=d_m, path=path)
+    ratio = check_sum_or_mean(C, count, key_scale, claimed="sum", path=path)
+    C = (C + C.T) / 2  # exact for a symmetric sum (x + x and the halving are exact)
+    info = {"format": "rome_npz", "count": count, "sample_size": state["sample_size"],
+            "stored_dtype": state["stored_dtype"], "constructors": state["constructors"], "entries": state["entries"],
+            "trace_over_key_scale": ratio, **checks}
+    return C, info
+
+
+def import_mean_npy(path: str | os.PathLike, *, d_m: int, n_tokens: int, key_scale: dict[str, float]
+                    ) -> tuple[np.ndarray, dict[str, Any]]:
+    """C of a bare .npy mean over the declared ``n_tokens``, checked."""
+    try:
+        stored = np.load(path, allow_pickle=False)
+    except ValueError as err:
+        raise ImportedStatisticsError(f"{path} cannot be read without pickle ({err}); refused") from None
+    except (OSError, EOFError) as err:
+        raise ImportedStatisticsError(f"{path} is not a readable .npy file ({err})") from None
+    if not isinstance(stored, np.ndarray) or stored.dtype not in (np.float32, np.float64):
+        raise ImportedStatisticsError(f"{path} holds {getattr(stored, 'dtype', type(stored).__name__)}, expected a "
+                                      f"float32 or float64 matrix")
+    if n_tokens is None or int(n_tokens) <= 0:
+        raise ImportedStatisticsError(f"{path}: a bare mean needs its positive token count, got {n_tokens!r}")
+    C = stored.astype(np.float64)
+    checks = check_second_moment(C, d_m=d_m, path=path)
+    ratio = check_sum_or_mean(C, int(n_tokens), key_scale, claimed="mean", path=path)
+    C = (C + C.T) / 2
+    info = {"format": "mean_npy", "count": int(n_tokens), "sample_size": None, "stored_dtype": str(stored.dtype),
+            "constructors": {}, "entries": [], "trace_over_key_scale": ratio, **checks}
+    return C, info
+
+
+# A fixed, neutral probe text (four documents, so that several first positions count, as in a corpus): the key
+# scale the sum-vs-mean check of imported statistics compares trace(C) with.
+PROBE_TEXTS = (
+    "The river rises in the hills north of the town and flows south through farmland before it joins the sea. "
+    "Its valley has been settled since the Bronze Age, and a stone bridge from the twelfth century still stands.",
+    "The company was founded in 1921 by two brothers who repaired bicycles. It later built motorcycles and small "
+    "cars, and today it makes parts for trains and buses in three factories.",
+    "In mathematics, a prime number is a natural number greater than one that has no divisors other than one and "
+    "itself. There are infinitely many primes, as Euclid showed more than two thousand years ago.",
+    "She studied music in Vienna and Paris, wrote four operas and many songs, and taught composition for thirty "
+    "years. Her letters, published after her death, describe the musical life of the period.",
+)
+
+
+def probe_key_scale(model, tokenizer, layers: Sequence[int]) -> dict[int, dict[str, float]]:
+    """Mean and median ||k||^2 over the probe texts' tokens for every layer (one forward pass, all real tokens)."""
+    import torch
+
+    encoded = [tokenizer(text)["input_ids"] for text in PROBE_TEXTS]
+    ids, mask, positions = pad_batch([np.asarray(e) for e in encoded], tokenizer.pad_token_id or 0)
+    device = next(model.parameters()).device
+    norms: dict[int, np.ndarray] = {}
+    bool_mask = mask.bool().to(device)
+
+    def make_hook(layer):
+        def hook(module, args):
+            keys = args[0][bool_mask].to(torch.float64)
+            norms[layer] = (keys * keys).sum(dim=-1).cpu().numpy()
+
+        return hook
+
+    handles = [key_module(model, layer).register_forward_pre_hook(make_hook(layer)) for layer in layers]
+    try:
+        with torch.inference_mode():
+            model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                             position_ids=positions.to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    out = {}
+    for layer in layers:
+        values = norms[layer]
+        if not np.isfinite(values).all() or not (values > 0).any():
+            raise NonFiniteActivationError(f"layer {layer}: the probe keys are not finite or all zero")
+        out[int(layer)] = {"mean": float(values.mean()), "median": float(np.median(values)),
+                           "n_tokens": int(values.size)}
+    return out

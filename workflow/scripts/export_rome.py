@@ -6,7 +6,7 @@ export_rome(
     snakemake.input.model,
     list(snakemake.input.covariance),
     snakemake.params.layers,
-    snakemake.input.manifest,
+    snakemake.input.manifest or None,  # none for imported statistics
     snakemake.output.stats,
     snakemake.output.manifest,
 )
