@@ -226,6 +226,12 @@ def slurm_jobs(output: str) -> dict[str, dict[str, str]]:
     return jobs
 
 
+def rule_of(fields: dict[str, str]) -> str:
+    """The rule of a SLURM job from its comment (rule_<rule>_wildcards_...), or its group (layers_<model>_...)."""
+    name = fields["Comment"].split("_wildcards_")[0].removeprefix("rule_")
+    return "layers_tiny" if name.startswith("layers_tiny_") else name
+
+
 def test_tiny_workflow_through_slurm_matches_a_local_run(slurm_cluster, smollm2_snapshot, tmp_path):
     cfg_slurm = tiny_setup(tmp_path, smollm2_snapshot["path"], "via_slurm")
     cfg_local = tiny_setup(tmp_path, smollm2_snapshot["path"], "via_local")
@@ -255,7 +261,7 @@ def test_tiny_workflow_through_slurm_matches_a_local_run(slurm_cluster, smollm2_
 
     # every job went through sbatch and finished there
     jobs = slurm_jobs(text)
-    rules = {fields["Comment"].split("_wildcards_")[0].removeprefix("rule_") for fields in jobs.values()}
+    rules = {rule_of(fields) for fields in jobs.values()}
     assert {"model_snapshot", "corpus_shards", "activation_stats", "keys", "layers_tiny"} <= rules, rules
     assert all(fields["JobState"] == "COMPLETED" for fields in jobs.values()), jobs
     # the 3 layers' covariance -> whitening -> matrices chains (9 jobs) were one SLURM job, the group layers_tiny:
@@ -263,14 +269,15 @@ def test_tiny_workflow_through_slurm_matches_a_local_run(slurm_cluster, smollm2_
     submissions = re.findall(r"has been submitted with SLURM jobid (\d+)", text)
     assert len(submissions) == len(set(submissions)) == 7, sorted(rules)
     assert not set(LAYER_GROUP) & rules, rules  # none of them was submitted on its own
-    [group] = [f for f in jobs.values() if f["Comment"].startswith("rule_layers_tiny")]
+    [group] = [f for f in jobs.values() if rule_of(f) == "layers_tiny"]
+    assert group["Comment"] == "rule_layers_tiny_covariance_matrices_whitening", group  # the plugin names its rules
     group_log = Path(group["StdOut"]).read_text()
     for rule in LAYER_GROUP:
         for layer in range(3):
             assert re.search(rf"rule {rule}:\n(.*\n)*?\s+wildcards: model=tiny, layer={layer}\n", group_log), (rule, layer)
     by_rule = {}
     for fields in jobs.values():
-        by_rule.setdefault(fields["Comment"].split("_wildcards_")[0].removeprefix("rule_"), []).append(fields)
+        by_rule.setdefault(rule_of(fields), []).append(fields)
     # the GPU rules asked SLURM for the GPU, on the GPU partition; the CPU rules did not
     for rule in ["activation_stats", "keys"]:
         for fields in by_rule[rule]:
