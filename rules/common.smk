@@ -8,6 +8,7 @@ from pathlib import Path
 
 from superposition import config as sp_config
 from superposition import settings as sp_settings
+from superposition import sizing as sp_sizing
 from superposition.fingerprint import code_params
 
 min_version("9.0")
@@ -188,3 +189,120 @@ def editing_figures():
         for m in editing_models()
         for kind in ("editing_curves", "editing_interference")
     ]
+
+
+# ---- job sizes from the model's size (superposition.sizing): memory and runtime of the cluster jobs --------------
+# The callables below are evaluated when the DAG is built and again when a job is submitted (its inputs exist
+# then), so a job of a model whose snapshot exists is sized from its exact d_m and parameter count.
+
+
+def _read_json_if_file(path):
+    import json
+
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def size_of(model):
+    """superposition.sizing.ModelSize of ``model``: its snapshot manifest when it exists, else its config entry;
+    None when nothing tells its size (no params_millions, d_m or snapshot)."""
+    entry = config["models"][model] or {}
+    spec = sp_config.model_specs(config)[model]
+    try:
+        return sp_sizing.model_size(
+            model,
+            params_millions=entry.get("params_millions"),
+            n_layers=sp_config.n_layers_of(spec, RESULTS),
+            config_d_m=entry.get("d_m"),
+            manifest=_read_json_if_file(res(f"models/{model}/model.json")),
+        )
+    except sp_sizing.SizingError:
+        return None
+
+
+def _unknown(attempt):
+    return {k: v * attempt for k, v in sp_sizing.UNKNOWN_SIZE_JOB.items()}
+
+
+def tokens_of_shard(model):
+    manifest = _read_json_if_file(res(f"models/{model}/model.json")) or {}
+    return sp_sizing.shard_tokens(
+        config["corpus"],
+        len(SHARDS),
+        manifest.get("context_length"),
+        _read_json_if_file(res(f"corpus/{model}/manifest.json")),
+    )
+
+
+def stats_settings():
+    return sp_sizing.StatsSettings.from_config(config.get("stats"))
+
+
+def check_gpu_memory(model, blocks, *, estimated="warn"):
+    """Refuse statistics blocks that cannot fit one GPU of ``gpu_memory_gb`` (unset, or stats.device cpu: no check).
+
+    With an estimated d_m (no snapshot, no models.<name>.d_m) a block that would not fit is only warned about:
+    the estimate errs on the large side. The same check runs on the exact size when each job is submitted.
+    """
+    gpu_gb = config.get("gpu_memory_gb")
+    if gpu_gb is None or (config.get("stats") or {}).get("device", "auto") == "cpu":
+        return
+    size = size_of(model)
+    if size is None:
+        logger.warning(f"{model}: gpu_memory_gb is set but nothing tells the model's size before its snapshot: set "
+                       f"models.{model}.params_millions and d_m to check its statistics blocks")
+        return
+    named = {sp_config.block_name(b): len(b) for b in blocks}
+    try:
+        sp_sizing.check_blocks(size, named, gpu_gb, stats_settings())
+    except sp_sizing.SizingError as err:
+        if size.exact or estimated == "raise":
+            raise WorkflowError(f"plan refused: {err}")
+        logger.warning(f"{err} (d_m {size.d_m} is estimated from params_millions and n_layers: set "
+                       f"models.{model}.d_m to check exactly; the check is repeated when the snapshot exists)")
+
+
+for _model in MODELS:
+    check_gpu_memory(_model, BLOCKS[_model])
+
+
+def stats_resources(wildcards, attempt):
+    size = size_of(wildcards.model)
+    if size is None:
+        return _unknown(attempt)
+    layers = sp_config.block_layers(wildcards.block)
+    if size.exact:  # at submission the snapshot exists: the exact check, before a GPU is allocated
+        check_gpu_memory(wildcards.model, [layers], estimated="raise")
+    job = sp_sizing.stats_job(size, len(layers), tokens_of_shard(wildcards.model), stats_settings())
+    return {key: value * attempt for key, value in job.items()}
+
+
+def snapshot_resources(wildcards, attempt):
+    size = size_of(wildcards.model)
+    if size is None:
+        return _unknown(attempt)
+    return {k: v * attempt for k, v in sp_sizing.snapshot_job(size).items()}
+
+
+def corpus_resources(wildcards, attempt):
+    size = size_of(wildcards.model)
+    if size is None:
+        return _unknown(attempt)
+    total = tokens_of_shard(wildcards.model) * len(SHARDS)
+    return {k: v * attempt for k, v in sp_sizing.corpus_job(size, total).items()}
+
+
+def layer_resources(rule):
+    def sized(wildcards, attempt):
+        size = size_of(wildcards.model)
+        if size is None:
+            return _unknown(attempt)
+        job = sp_sizing.layer_jobs(size, len(SHARDS))[rule]
+        return {k: v * attempt for k, v in job.items()}
+
+    return sized
+
+
+def sized(fn, key):
+    """One resource of a sizing function, as a Snakemake resource callable (wildcards, attempt)."""
+    return lambda wildcards, attempt: fn(wildcards, attempt)[key]

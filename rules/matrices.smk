@@ -14,7 +14,8 @@ rule matrices:
         "../envs/superposition.yaml"
     threads: 1
     resources:
-        mem_mb=2000,
+        mem_mb=sized(layer_resources("matrices"), "mem_mb"),
+        runtime=sized(layer_resources("matrices"), "runtime"),
     params:
         **rule_params("matrices"),
     script:

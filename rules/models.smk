@@ -1,4 +1,32 @@
+# Hub models are downloaded on the submit host (the one machine sure to reach the network: cluster compute
+# nodes often cannot), into the Hugging Face cache; the snapshot (GGUF conversion, manifest) reads it offline and
+# runs anywhere, on a CPU.
+
+
+def hub_download(wildcards):
+    """The download record a hub model's snapshot reads (none for local and GGUF-package models)."""
+    if (config["models"][wildcards.model] or {}).get("source") != "hub":
+        return []
+    return res(f"models/{wildcards.model}/download.json")
+
+
+rule model_download:
+    output:
+        res("models/{model}/download.json"),
+    log:
+        res("logs/model_download/{model}.log"),
+    localrule: True
+    conda:
+        "../envs/superposition.yaml"
+    params:
+        **rule_params("model_download"),
+    script:
+        "../workflow/scripts/model_download.py"
+
+
 rule model_snapshot:
+    input:
+        download=hub_download,
     output:
         res("models/{model}/model.json"),
     log:
@@ -9,7 +37,8 @@ rule model_snapshot:
         "../envs/superposition.yaml"
     threads: 2
     resources:
-        mem_mb=8000,
+        mem_mb=sized(snapshot_resources, "mem_mb"),
+        runtime=sized(snapshot_resources, "runtime"),
     params:
         **rule_params("model_snapshot"),
     script:

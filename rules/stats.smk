@@ -12,7 +12,8 @@ rule activation_stats:
         "../envs/superposition.yaml"
     threads: stats_threads()
     resources:
-        mem_mb=16000,
+        mem_mb=sized(stats_resources, "mem_mb"),
+        runtime=sized(stats_resources, "runtime"),
     params:
         **rule_params("activation_stats"),
         layers=lambda w: sp_config.block_layers(w.block),
@@ -37,7 +38,8 @@ rule covariance:
         "../envs/superposition.yaml"
     threads: 1
     resources:
-        mem_mb=4000,
+        mem_mb=sized(layer_resources("covariance"), "mem_mb"),
+        runtime=sized(layer_resources("covariance"), "runtime"),
     params:
         **rule_params("covariance"),
     script:
@@ -80,7 +82,8 @@ rule whitening:
         "../envs/superposition.yaml"
     threads: 1
     resources:
-        mem_mb=4000,
+        mem_mb=sized(layer_resources("whitening"), "mem_mb"),
+        runtime=sized(layer_resources("whitening"), "runtime"),
     params:
         **rule_params("whitening"),
     script:

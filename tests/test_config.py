@@ -77,3 +77,14 @@ def test_n_layers_is_checked_against_an_existing_snapshot(cfg, tmp_path):
     manifest.write_text('{"n_layers": 26}')
     with pytest.raises(sp_config.ConfigError, match="models.gemma3-270m.n_layers is 18 but the snapshot .* has 26"):
         sp_config.validate(cfg)
+
+
+def test_d_m_that_disagrees_with_the_snapshot_is_a_config_error(cfg):
+    manifest = Path(cfg["results"]) / "models" / "gemma3-270m" / "model.json"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text('{"n_layers": 18, "d_m": 2048}')
+    cfg["models"]["gemma3-270m"]["d_m"] = 2048
+    sp_config.validate(cfg)  # the snapshot's own d_m
+    cfg["models"]["gemma3-270m"]["d_m"] = 1024
+    with pytest.raises(sp_config.ConfigError, match="models.gemma3-270m.d_m is 1024 but the snapshot .* has d_m 2048"):
+        sp_config.validate(cfg)

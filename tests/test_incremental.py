@@ -49,7 +49,8 @@ CONFIG_CHANGES = {
     "results": ({"results": "{tmp}/other-results"}, EVERYTHING),
     "cache_dir": ({"cache_dir": "{tmp}/other-cache"}, set()),
     "models": ({"models.tiny-copy": "=models.tiny"}, None),  # adding a model: tests/test_workflow.py
-    "models.*.source": ({"models.tiny.source": "hub", "models.tiny.id": "org/tiny"}, FROM_MODEL),
+    # a hub model is downloaded first, on the submit host (the local rule model_download)
+    "models.*.source": ({"models.tiny.source": "hub", "models.tiny.id": "org/tiny"}, FROM_MODEL | {"model_download"}),
     "models.*.id": ({"models.tiny.id": "org/other"}, set()),  # ignored for a local model
     "models.*.revision": ({"models.tiny.revision": "v2"}, set()),  # ignored for a local model
     "models.*.path": ({"models.tiny.path": "{tmp}/elsewhere"}, FROM_MODEL),
@@ -57,6 +58,8 @@ CONFIG_CHANGES = {
     "models.*.trust_remote_code": ({"models.tiny.trust_remote_code": True}, FROM_MODEL),
     "models.*.n_layers": (None, None),  # a mismatch with the snapshot is an error: test below
     "models.*.model_type": ({"models.tiny.model_type": "llama"}, set()),
+    "models.*.d_m": ({"models.tiny.d_m": 48}, set()),  # the tiny model's; another value is an error (test_config)
+    "gpu_memory_gb": ({"gpu_memory_gb": 40}, set()),
     "models.*.params_millions": ({"models.tiny.params_millions": 2.5}, FIGURES),
     "models.*.layers": ({"models.tiny.layers": [0, 1]}, FEWER_LAYERS),
     "models.*.layer_block_size": ({"models.tiny.layer_block_size": 1}, set()),
@@ -131,6 +134,7 @@ MODULE_CHANGES = {
     "plots": FIGURES, "jobs/figures": FIGURES,
     "editing": EDITING, "jobs/editing": EDITING,
     "config": set(),  # plans the DAG; no job runs its code
+    "sizing": set(),  # sizes the jobs while the DAG is built; no job runs its code
     "fingerprint": set(),  # computes the fingerprints; no job runs its code
 }
 

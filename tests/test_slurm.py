@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+import json
+
 import h5py
 import numpy as np
 import pytest
@@ -23,11 +25,17 @@ import yaml
 
 from workflow_helpers import make_tiny_model, tiny_settings, write_config
 
+from superposition import config as sp_config
+from superposition import sizing
+
 REPO = Path(__file__).resolve().parents[1]
 PROFILE = REPO / "profiles" / "slurm"
 SCRIPTS = Path(__file__).resolve().parent / "slurm"
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
-GPU_RULES = ["activation_stats", "keys", "fact_predictions", "model_snapshot", "lifelong_edit"]
+GPU_RULES = ["activation_stats", "keys", "fact_predictions", "lifelong_edit"]
+# rules whose memory and runtime come from the model's size (superposition.sizing), not from the profile
+SIZED_RULES = ["model_snapshot", "corpus_shards", "activation_stats", "covariance", "whitening", "matrices"]
+LAYER_GROUP = ["covariance", "whitening", "matrices"]
 # The local cluster's partitions (tests/slurm/start-local-slurm.sh).
 LOCAL_ENV = {
     "SUPERPOSITION_SLURM_ACCOUNT": "",  # no accounting database: no account
@@ -58,8 +66,14 @@ def test_profile_names_only_workflow_rules_and_requests_gpus():
     assert named <= rules, f"profile names rules the workflow does not have: {named - rules}"
     for rule in GPU_RULES:
         res = profile["set-resources"][rule]
-        assert res["gpu"] == 1 and "attempt" in str(res["mem_mb"]) and "attempt" in str(res["runtime"])
-        assert res["slurm_partition"] == "$SUPERPOSITION_SLURM_GPU_PARTITION"
+        assert res["gpu"] == 1 and res["slurm_partition"] == "$SUPERPOSITION_SLURM_GPU_PARTITION"
+        if rule not in SIZED_RULES:
+            assert "attempt" in str(res["mem_mb"]) and "attempt" in str(res["runtime"])
+    for rule in SIZED_RULES:  # the profile would override the rule's own sizes
+        assert not {"mem_mb", "runtime"} & set(profile["set-resources"].get(rule, {})), rule
+    assert "model_snapshot" not in profile["set-resources"]  # no GPU: the CPU partition, sized by the rule
+    assert all(profile["groups"][rule] == "layers_{model}" for rule in LAYER_GROUP)
+    assert profile["config"] == ["gpu_memory_gb=80"]
     for rule, res in profile["set-resources"].items():
         if rule not in GPU_RULES:
             assert "gpu" not in res and "slurm_partition" not in res, rule
@@ -72,9 +86,45 @@ def test_profile_dry_run_resolves_partitions_and_scales_with_attempt():
               env=env).stdout
     stats = out.split("rule activation_stats:")[1].split("resources:")[1].splitlines()[0]
     assert "slurm_partition=gpuq" in stats and "gpu=1" in stats and "slurm_account=acct42" in stats
-    assert "mem_mb=64000" in stats and "runtime=720" in stats  # attempt 1
     cov = out.split("rule covariance:")[1].split("resources:")[1].splitlines()[0]
-    assert "slurm_partition=cpu" in cov and "gpu=" not in cov and "mem_mb=12000" in cov
+    assert "slurm_partition=cpu" in cov and "gpu=" not in cov
+    snapshot = out.split("rule model_snapshot:")[1].split("resources:")[1].splitlines()[0]
+    assert "slurm_partition=cpu" in snapshot and "gpu=" not in snapshot
+    # each model's statistics jobs are sized from that model (attempt 1): superposition.sizing's numbers
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    jobs = re.findall(r"rule activation_stats:.*?wildcards: model=(\S+), shard=\d+, block=(\S+)\n.*?resources: .*?"
+                      r"mem_mb=(\d+),.*?runtime=(\d+)", out, re.S)
+    assert {model for model, *_ in jobs} == set(cfg["models"]), jobs
+    for model, block, mem_mb, runtime in jobs:
+        entry = cfg["models"][model]
+        manifest = REPO / cfg["results"] / "models" / model / "model.json"
+        size = sizing.model_size(model, params_millions=entry["params_millions"], n_layers=entry["n_layers"],
+                                 manifest=json.loads(manifest.read_text()) if manifest.is_file() else None)
+        corpus = REPO / cfg["results"] / "corpus" / model / "manifest.json"
+        tokens = sizing.shard_tokens(cfg["corpus"], cfg["corpus"]["n_shards"], None,
+                                     json.loads(corpus.read_text()) if corpus.is_file() else None)
+        want = sizing.stats_job(size, len(sp_config.block_layers(block)), tokens,
+                                sizing.StatsSettings.from_config(cfg["stats"]))
+        assert (int(mem_mb), int(runtime)) == (want["mem_mb"], want["runtime"]), (model, block)
+    assert len({mem for _, _, mem, _ in jobs}) == 2  # two models, two sizes
+
+
+def test_a_block_that_cannot_fit_the_gpu_is_refused_when_the_dag_is_built(tmp_path):
+    models = {"big": {"source": "hub", "id": "org/big", "n_layers": 40, "d_m": 13824, "params_millions": 13016,
+                      "layer_block_size": 40}}
+    cfg = write_config(tmp_path, models=models, stats={"model_dtype": "bfloat16", "max_tokens_per_batch": 16384})
+    proc = run([*SNAKEMAKE, "-n", "--workflow-profile", PROFILE, "--configfile", cfg], 120, env=LOCAL_ENV,
+               check=False)
+    text = proc.stdout + proc.stderr
+    need = sizing.stats_gpu_bytes(sizing.ModelSize("big", 13016e6, 40, 13824, "config"), 40,
+                                  sizing.StatsSettings("bfloat16", "float32", 16384))["total"]
+    assert proc.returncode != 0
+    assert "plan refused: big: the statistics block 0-39 (40 layers, d_m 13824)" in text, text[-3000:]
+    assert f"needs {need:,} bytes" in text and "set models.big.layer_block_size: 31" in text
+    # the block size it suggests is accepted
+    models["big"]["layer_block_size"] = 31
+    cfg = write_config(tmp_path, models=models, stats={"model_dtype": "bfloat16", "max_tokens_per_batch": 16384})
+    run([*SNAKEMAKE, "-n", "--workflow-profile", PROFILE, "--configfile", cfg], 120, env=LOCAL_ENV)
 
 
 # ------------------------------------------------------------------------------------- local cluster
@@ -176,6 +226,12 @@ def slurm_jobs(output: str) -> dict[str, dict[str, str]]:
     return jobs
 
 
+def rule_of(fields: dict[str, str]) -> str:
+    """The rule of a SLURM job from its comment (rule_<rule>_wildcards_...), or its group (layers_<model>_...)."""
+    name = fields["Comment"].split("_wildcards_")[0].removeprefix("rule_")
+    return "layers_tiny" if name.startswith("layers_tiny_") else name
+
+
 def test_tiny_workflow_through_slurm_matches_a_local_run(slurm_cluster, smollm2_snapshot, tmp_path):
     cfg_slurm = tiny_setup(tmp_path, smollm2_snapshot["path"], "via_slurm")
     cfg_local = tiny_setup(tmp_path, smollm2_snapshot["path"], "via_local")
@@ -205,19 +261,39 @@ def test_tiny_workflow_through_slurm_matches_a_local_run(slurm_cluster, smollm2_
 
     # every job went through sbatch and finished there
     jobs = slurm_jobs(text)
-    rules = {fields["Comment"].split("_wildcards_")[0].removeprefix("rule_") for fields in jobs.values()}
-    assert {"model_snapshot", "corpus_shards", "activation_stats", "covariance", "whitening", "keys",
-            "matrices"} <= rules, rules
+    rules = {rule_of(fields) for fields in jobs.values()}
+    assert {"model_snapshot", "corpus_shards", "activation_stats", "keys", "layers_tiny"} <= rules, rules
     assert all(fields["JobState"] == "COMPLETED" for fields in jobs.values()), jobs
+    # the 3 layers' covariance -> whitening -> matrices chains (9 jobs) were one SLURM job, the group layers_tiny:
+    # model_snapshot, corpus_shards, keys, known_facts, 2 x activation_stats and that group
+    submissions = re.findall(r"has been submitted with SLURM jobid (\d+)", text)
+    assert len(submissions) == len(set(submissions)) == 7, sorted(rules)
+    assert not set(LAYER_GROUP) & rules, rules  # none of them was submitted on its own
+    [group] = [f for f in jobs.values() if rule_of(f) == "layers_tiny"]
+    assert group["Comment"] == "rule_layers_tiny_covariance_matrices_whitening", group  # the plugin names its rules
+    group_log = Path(group["StdOut"]).read_text()
+    for rule in LAYER_GROUP:
+        for layer in range(3):
+            assert re.search(rf"rule {rule}:\n(.*\n)*?\s+wildcards: model=tiny, layer={layer}\n", group_log), (rule, layer)
     by_rule = {}
     for fields in jobs.values():
-        by_rule.setdefault(fields["Comment"].split("_wildcards_")[0].removeprefix("rule_"), []).append(fields)
+        by_rule.setdefault(rule_of(fields), []).append(fields)
     # the GPU rules asked SLURM for the GPU, on the GPU partition; the CPU rules did not
-    for rule in ["activation_stats", "keys", "model_snapshot"]:
+    for rule in ["activation_stats", "keys"]:
         for fields in by_rule[rule]:
             assert fields["Partition"] == "gpu" and "gres:gpu:1" in fields.get("TresPerJob", ""), fields
     assert len(by_rule["activation_stats"]) == 2
-    for rule in ["covariance", "whitening", "matrices", "corpus_shards"]:
+    # the statistics jobs asked for what superposition.sizing gives the tiny model at submission (attempt 1), when
+    # its snapshot and the counted tokens exist
+    results = Path(yaml.safe_load(cfg_slurm.read_text())["results"])
+    size = sizing.model_size("tiny", params_millions=1.6, n_layers=3,
+                             manifest=json.loads((results / "models/tiny/model.json").read_text()))
+    tokens = sizing.shard_tokens({}, 2, corpus_manifest=json.loads((results / "corpus/tiny/manifest.json").read_text()))
+    want = sizing.stats_job(size, 3, tokens, sizing.StatsSettings(max_tokens_per_batch=256))
+    for fields in by_rule["activation_stats"]:
+        assert fields["MinMemoryNode"] == f"{want['mem_mb']}M", fields
+        assert fields["TimeLimit"] == f"00:{want['runtime']:02d}:00", fields
+    for rule in ["layers_tiny", "corpus_shards", "model_snapshot"]:
         for fields in by_rule[rule]:
             assert fields["Partition"] == "cpu" and "gpu" not in fields.get("TresPerJob", ""), fields
 
@@ -233,7 +309,7 @@ def test_unknown_partition_is_reported_with_the_rule_name(slurm_cluster, tmp_pat
                                                   "n_layers": 3}})
     profile = local_profile(tmp_path / "profile", tmp_path / "slurm_logs")
     results = yaml.safe_load(cfg.read_text())["results"]
-    env = {**LOCAL_ENV, "SUPERPOSITION_SLURM_GPU_PARTITION": "no_such_partition"}
+    env = {**LOCAL_ENV, "SUPERPOSITION_SLURM_PARTITION": "no_such_partition"}  # model_snapshot: the CPU partition
     proc = run([*SNAKEMAKE, f"{results}/models/tiny/model.json", "--workflow-profile", profile, "--configfile", cfg],
                120, env=env, check=False)
     text = proc.stdout + proc.stderr
@@ -242,8 +318,11 @@ def test_unknown_partition_is_reported_with_the_rule_name(slurm_cluster, tmp_pat
     assert "Error in rule model_snapshot" in text and "-p no_such_partition" in text
     # retries: 1 resubmits once, with the profile's sizes scaled by attempt=2
     calls = re.findall(r"sbatch --parsable .*", text)
-    assert len(calls) == 2 and "--gpus=1" in calls[0]
-    assert "--mem 1500" in calls[0] and "-t 10 " in calls[0] and "--mem 3000" in calls[1] and "-t 20 " in calls[1]
+    assert len(calls) == 2 and "--gpus" not in calls[0]  # the snapshot asks for no GPU
+    # no params_millions, d_m or snapshot: the fixed sizes of a model of unknown size, times attempt
+    mem, minutes = sizing.UNKNOWN_SIZE_JOB["mem_mb"], sizing.UNKNOWN_SIZE_JOB["runtime"]
+    assert f"--mem {mem}" in calls[0] and f"-t {minutes} " in calls[0], calls
+    assert f"--mem {2 * mem}" in calls[1] and f"-t {2 * minutes} " in calls[1], calls
 
 
 def test_a_failing_job_is_retried_with_more_memory_and_then_names_its_log(slurm_cluster, tmp_path):
@@ -259,7 +338,8 @@ def test_a_failing_job_is_retried_with_more_memory_and_then_names_its_log(slurm_
     jobids = re.findall(r"has been submitted with SLURM jobid (\d+)", text)
     assert len(jobids) == 2 and "Trying to restart job" in text, text[-5000:]  # the first attempt and one retry
     sizes = re.findall(r"resources: .*?mem_mb=(\d+).*?runtime=(\d+)", text)
-    assert ("1500", "10") in sizes and ("3000", "20") in sizes, sizes  # attempt 2 asks for twice memory and time
+    mem, minutes = sizing.UNKNOWN_SIZE_JOB["mem_mb"], sizing.UNKNOWN_SIZE_JOB["runtime"]
+    assert (str(mem), str(minutes)) in sizes and (str(2 * mem), str(2 * minutes)) in sizes, sizes  # attempt 2: twice
     slurm_log = f"slurm_logs/rule_model_snapshot/tiny/{jobids[-1]}.log"
     assert slurm_log in text  # the last error names the SLURM log of the last attempt ...
     assert "Error in rule model_snapshot" in text

@@ -60,6 +60,18 @@ def n_layers_of(spec: ModelSpec, results: str | Path = DEFAULT_RESULTS) -> int:
     )
 
 
+def check_d_m(config: dict[str, Any], name: str) -> None:
+    """models.<name>.d_m, when set, must be the snapshot's (the jobs are sized and checked from it)."""
+    d_m = (config["models"][name] or {}).get("d_m")
+    manifest = Path(config.get("results", DEFAULT_RESULTS)) / "models" / name / "model.json"
+    if d_m is None or not manifest.is_file():
+        return
+    snapshot_d_m = int(json.loads(manifest.read_text())["d_m"])
+    if snapshot_d_m != int(d_m):
+        raise ConfigError(f"models.{name}.d_m is {d_m} but the snapshot {manifest} has d_m {snapshot_d_m}: fix d_m, "
+                          f"or delete the snapshot if the model changed")
+
+
 def model_layers(config: dict[str, Any], name: str) -> list[int]:
     """Layers to analyse for one model (``layers: all`` or a list; a model entry may override)."""
     spec = model_specs(config)[name]
@@ -251,6 +263,7 @@ def validate(config: dict[str, Any]) -> None:
             except UnsupportedModelError as err:
                 raise ConfigError(f"models.{name}.model_type: {err}") from None
         _validate_statistics(config, name)
+        check_d_m(config, name)
     facts = config["facts"]
     if facts.get("case_ids") and facts.get("prompt_mode") == "exclude_first":
         raise ConfigError("facts.prompt_mode exclude_first filters the known-fact selection, which explicit "

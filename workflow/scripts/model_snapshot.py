@@ -7,4 +7,5 @@ model_snapshot(
     snakemake.config["models"][snakemake.wildcards.model],
     snakemake.output[0],
     cfg["cache_dir"],
+    snakemake.input.download[0] if snakemake.input.get("download") else None,
 )
