@@ -27,6 +27,7 @@ def test_transformers_is_the_pinned_version():
     assert transformers.__version__ == "5.23.0"
 
 
+@pytest.mark.slow  # the snapshot fixture is requested by name below, so it is not seen at collection
 @pytest.mark.parametrize(
     "snapshot, pieces, bos",
     [
