@@ -81,3 +81,62 @@ def test_a_truncated_artifact_is_an_error_naming_the_file(kind, tmp_path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(ProvenanceError, match=rf"{path} is (corrupt or truncated|damaged)"):
         read()
+
+
+# ---- writes that cannot succeed: a clear error naming the file and the cause, and nothing under its name -------
+
+FULL_DISK_JOB = """
+import resource, signal, sys
+import numpy as np
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing
+resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))
+from superposition import provenance, stats
+kind, path = sys.argv[1], sys.argv[2]
+if kind == "h5":
+    stats.write_covariance(path, np.eye(64), 10, {"model": "m", "layer": 0})
+else:
+    provenance.write_json(path, {"x": "y" * 20000})
+"""
+
+
+@pytest.mark.parametrize("kind", ["h5", "json"])
+def test_a_file_size_limit_is_a_clear_error_and_leaves_nothing(kind, tmp_path):
+    import subprocess
+    import sys
+
+    target = tmp_path / f"artifact.{kind}"
+    proc = subprocess.run([sys.executable, "-c", FULL_DISK_JOB, kind, str(target)], capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert f"ArtifactWriteError: [Errno 27] cannot write {target}: the file exceeds the file-size limit" in proc.stderr
+    assert not target.exists()
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A folder nothing can be written to: a read-only tmpfs as root (root ignores permissions), else mode 555."""
+    import os
+    import subprocess
+
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    if os.geteuid() == 0:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)],
+                                 capture_output=True, text=True)
+        if mounted.returncode != 0:
+            pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr.strip()}")
+        yield folder
+        subprocess.run(["umount", str(folder)], capture_output=True)
+    else:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+
+
+def test_a_read_only_results_folder_is_a_clear_error(read_only_folder):
+    from superposition.provenance import ArtifactWriteError, write_json
+
+    with pytest.raises(ArtifactWriteError, match=r"cannot write .*covariance/m/layer-0\.h5: (the file system is "
+                                                 r"read-only|permission denied)"):
+        stats.write_covariance(read_only_folder / "covariance/m/layer-0.h5", np.eye(4), 10, RECORD)
+    with pytest.raises(ArtifactWriteError, match="nothing was written under that name"):
+        write_json(read_only_folder / "model.json", {"name": "m"})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import hashlib
 import json
 import os
@@ -25,6 +26,21 @@ CHECKSUM = {"fletcher32": True}
 
 class ProvenanceError(ValueError):
     """An artifact does not belong to what its consumer expects (other model, width, corpus, layer...)."""
+
+
+class ArtifactWriteError(OSError):
+    """An artifact could not be written (disk full, file-size limit or quota, read-only or forbidden folder)."""
+
+
+# The write failures a user can fix where the results live, and what to tell them.
+_WRITE_FAILURES = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EFBIG: "the file exceeds the file-size limit (ulimit -f, or the job's limit)",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "the operation is not permitted",
+}
 
 
 def code_version() -> str:
@@ -64,11 +80,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     Nothing half-written is ever left under the final name.
     """
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     try:
+        final.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         os.replace(tmp, final)
+    except OSError as err:
+        cause = _WRITE_FAILURES.get(err.errno)
+        if cause is None or isinstance(err, ArtifactWriteError):
+            raise
+        raise ArtifactWriteError(err.errno, f"cannot write {final}: {cause} ({err.strerror}); nothing was written "
+                                            f"under that name. Free space or fix the folder, then run snakemake again",
+                                 str(final)) from err
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp)
