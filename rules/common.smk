@@ -249,8 +249,10 @@ def check_gpu_memory(model, blocks, *, estimated="warn"):
         return
     size = size_of(model)
     if size is None:
-        logger.warning(f"{model}: gpu_memory_gb is set but nothing tells the model's size before its snapshot: set "
-                       f"models.{model}.params_millions and d_m to check its statistics blocks")
+        logger.warning(
+            f"{model}: gpu_memory_gb is set but nothing tells the model's size before its snapshot: set "
+            f"models.{model}.params_millions and d_m to check its statistics blocks"
+        )
         return
     named = {sp_config.block_name(b): len(b) for b in blocks}
     try:
@@ -258,8 +260,10 @@ def check_gpu_memory(model, blocks, *, estimated="warn"):
     except sp_sizing.SizingError as err:
         if size.exact or estimated == "raise":
             raise WorkflowError(f"plan refused: {err}")
-        logger.warning(f"{err} (d_m {size.d_m} is estimated from params_millions and n_layers: set "
-                       f"models.{model}.d_m to check exactly; the check is repeated when the snapshot exists)")
+        logger.warning(
+            f"{err} (d_m {size.d_m} is estimated from params_millions and n_layers: set "
+            f"models.{model}.d_m to check exactly; the check is repeated when the snapshot exists)"
+        )
 
 
 for _model in MODELS:
@@ -271,9 +275,13 @@ def stats_resources(wildcards, attempt):
     if size is None:
         return _unknown(attempt)
     layers = sp_config.block_layers(wildcards.block)
-    if size.exact:  # at submission the snapshot exists: the exact check, before a GPU is allocated
+    if (
+        size.exact
+    ):  # at submission the snapshot exists: the exact check, before a GPU is allocated
         check_gpu_memory(wildcards.model, [layers], estimated="raise")
-    job = sp_sizing.stats_job(size, len(layers), tokens_of_shard(wildcards.model), stats_settings())
+    job = sp_sizing.stats_job(
+        size, len(layers), tokens_of_shard(wildcards.model), stats_settings()
+    )
     return {key: value * attempt for key, value in job.items()}
 
 
@@ -306,3 +314,21 @@ def layer_resources(rule):
 def sized(fn, key):
     """One resource of a sizing function, as a Snakemake resource callable (wildcards, attempt)."""
     return lambda wildcards, attempt: fn(wildcards, attempt)[key]
+
+
+# ---- downloads on the submit host (rules/models.smk, rules/corpus.smk) ----
+
+
+def hub_download(wildcards):
+    """The download record a hub model's snapshot reads (none for local and GGUF-package models)."""
+    if (config["models"][wildcards.model] or {}).get("source") != "hub":
+        return []
+    return res(f"models/{wildcards.model}/download.json")
+
+
+def corpus_download_record():
+    return (
+        res("corpus/download.json")
+        if config["corpus"]["source"] == "hf_datasets"
+        else []
+    )

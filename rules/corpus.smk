@@ -2,10 +2,6 @@
 # have no network) into the datasets cache; the tokenisation reads the prepared files offline, on a CPU node.
 
 
-def corpus_download_record():
-    return res("corpus/download.json") if config["corpus"]["source"] == "hf_datasets" else []
-
-
 rule corpus_download:
     output:
         res("corpus/download.json"),

@@ -3,13 +3,6 @@
 # runs anywhere, on a CPU.
 
 
-def hub_download(wildcards):
-    """The download record a hub model's snapshot reads (none for local and GGUF-package models)."""
-    if (config["models"][wildcards.model] or {}).get("source") != "hub":
-        return []
-    return res(f"models/{wildcards.model}/download.json")
-
-
 rule model_download:
     output:
         res("models/{model}/download.json"),

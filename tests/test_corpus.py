@@ -58,7 +58,7 @@ def test_shards_roundtrip_with_fingerprint_and_model_check(tmp_path):
     shard = corpus.read_shard(path, model="m1")
     assert shard.doc_ids == ["a", "b", "c"] and shard.n_tokens == 10
     assert all(np.array_equal(a, b) for a, b in zip(shard.docs, docs))
-    with pytest.raises(ProvenanceError, match="tokenised for model 'm1', not 'm2'"):
+    with pytest.raises(ProvenanceError, match="this corpus shard has model = 'm1' but 'm2' was expected"):
         corpus.read_shard(path, model="m2")
     data = path.read_bytes()
     path.write_bytes(data[:200])

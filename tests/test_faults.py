@@ -140,3 +140,19 @@ def test_a_read_only_results_folder_is_a_clear_error(read_only_folder):
         stats.write_covariance(read_only_folder / "covariance/m/layer-0.h5", np.eye(4), 10, RECORD)
     with pytest.raises(ArtifactWriteError, match="nothing was written under that name"):
         write_json(read_only_folder / "model.json", {"name": "m"})
+
+
+def test_an_artifact_of_another_model_revision_is_refused_naming_field_values_and_rule(tmp_path):
+    from superposition import models
+
+    manifest = {"name": "m", "model_type": "llama", "n_layers": 2, "d_m": 4, "gguf_sha256": "new-weights"}
+    stats.write_covariance(tmp_path / "c.h5", np.eye(4), 10,
+                           {**models.provenance_of({**manifest, "gguf_sha256": "old-weights"}), "layer": 0})
+    with pytest.raises(ProvenanceError, match=r"c\.h5: this covariance has model_revision = 'old-weights' but "
+                                              r"'new-weights' was expected .* rerun the covariance rule"):
+        stats.read_covariance(tmp_path / "c.h5", model=models.identity(manifest), layer=0, d_m=4)
+    C, _ = stats.read_covariance(tmp_path / "c.h5", model=models.identity({**manifest, "gguf_sha256": "old-weights"}),
+                                 layer=0, d_m=4)
+    assert np.array_equal(C, np.eye(4))
+    with pytest.raises(ProvenanceError, match="this covariance has layer = 0 but 1 was expected"):
+        stats.read_covariance(tmp_path / "c.h5", model="m", layer=1, d_m=4)

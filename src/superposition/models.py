@@ -351,6 +351,13 @@ def read_manifest(path: str | os.PathLike, name: str | None = None) -> dict[str,
     return manifest
 
 
+def identity(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What a consumer checks an artifact's model by (superposition.provenance.check_artifact): name and revision
+    (the hub commit, the GGUF file's sha256 or the local folder's fingerprint)."""
+    record = provenance_of(manifest)
+    return {"model": record["model"], "model_revision": record["model_revision"]}
+
+
 def provenance_of(manifest: dict[str, Any]) -> dict[str, Any]:
     """The fields every downstream artifact records about its model."""
     return {

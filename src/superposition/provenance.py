@@ -11,7 +11,7 @@ import os
 import platform
 import shutil
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import h5py
 import numpy as np
@@ -174,6 +174,20 @@ def open_h5(path: str | os.PathLike, what: str) -> Iterator[h5py.File]:
     except (OSError, KeyError) as err:
         raise ProvenanceError(f"{what} file {path} is damaged: reading it failed ({type(err).__name__}: {err}); "
                               f"delete it and run snakemake again to rebuild it") from err
+
+
+def check_artifact(attrs: dict[str, Any], path: str | os.PathLike, what: str, rule: str,
+                   model: str | Mapping[str, Any], **expected: Any) -> None:
+    """The check every reader makes: the artifact is of the consumer's model (its name, and its revision when the
+    consumer passes ``models.identity(manifest)``) and has the expected fields (layer, d_m, ...). A mismatch names
+    the file, the field, both values and the rule that rebuilds it."""
+    wanted = dict(model) if isinstance(model, Mapping) else {"model": model}
+    wanted.update(expected)
+    for key, want in wanted.items():
+        have = attrs.get(key)
+        if have != want:
+            raise ProvenanceError(f"{path}: this {what} has {key} = {have!r} but {want!r} was expected (it was made "
+                                  f"for another model, revision or layer): delete it and rerun the {rule} rule")
 
 
 def expect(record: dict[str, Any], path: str | os.PathLike, **expected: Any) -> None:

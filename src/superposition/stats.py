@@ -13,13 +13,13 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import h5py
 import numpy as np
 
 from .models import batch_tokens, blocks, check_layers, key_module, key_width
-from .provenance import CHECKSUM, ProvenanceError, atomic_path, get_attrs, open_h5, set_attrs
+from .provenance import CHECKSUM, ProvenanceError, atomic_path, check_artifact, get_attrs, open_h5, set_attrs
 
 GRAM_DTYPES = ("float32", "float64")
 
@@ -395,7 +395,8 @@ def collect_second_moments(
 # ------------------------------------------------------------------------------------------ merging
 
 
-def merge_layer(paths: Sequence[str | os.PathLike], layer: int, *, model: str, d_m: int, corpus_fingerprint: str,
+def merge_layer(paths: Sequence[str | os.PathLike], layer: int, *, model: str | Mapping[str, Any], d_m: int,
+                corpus_fingerprint: str,
                 n_shards: int) -> tuple[np.ndarray, int, list[dict[str, Any]]]:
     """Sum one layer's S and counts over shard files, in the given (fixed) order. Exact: float64 throughout."""
     total = None
@@ -405,10 +406,7 @@ def merge_layer(paths: Sequence[str | os.PathLike], layer: int, *, model: str, d
     for path in paths:
         with open_h5(path, "activation statistics") as f:
             attrs = get_attrs(f)
-            if attrs.get("model") != model:
-                raise ProvenanceError(f"{path} holds statistics of model {attrs.get('model')!r}, expected {model!r}")
-            if attrs.get("d_m") != d_m:
-                raise ProvenanceError(f"{path} has key width d_m={attrs.get('d_m')}, expected {d_m} for {model!r}")
+            check_artifact(attrs, path, "statistics block", "activation_stats", model, d_m=d_m)
             if attrs.get("corpus_fingerprint") != corpus_fingerprint:
                 raise ProvenanceError(f"{path} was computed on another corpus (fingerprint "
                                       f"{attrs.get('corpus_fingerprint')!r}, expected {corpus_fingerprint!r})")
@@ -434,14 +432,10 @@ def write_covariance(path, second_moment: np.ndarray, count: int, record: dict[s
             set_attrs(f, {**record, "n_tokens": count, "dtype": "float64", "centred": False})
 
 
-def read_covariance(path, *, model: str, layer: int, d_m: int) -> tuple[np.ndarray, dict[str, Any]]:
+def read_covariance(path, *, model: str | Mapping[str, Any], layer: int, d_m: int) -> tuple[np.ndarray, dict[str, Any]]:
     with open_h5(path, "covariance") as f:
         attrs = get_attrs(f)
-        if attrs.get("model") != model or attrs.get("layer") != layer:
-            raise ProvenanceError(
-                f"{path} is the covariance of model {attrs.get('model')!r} layer {attrs.get('layer')}, "
-                f"expected model {model!r} layer {layer}"
-            )
+        check_artifact(attrs, path, "covariance", "covariance", model, layer=layer)
         C = f["C"][()]
     if C.shape != (d_m, d_m):
         raise ProvenanceError(f"{path}: covariance has width {C.shape[0]} but model {model!r} has d_m {d_m}")

@@ -8,14 +8,14 @@ Gaussian KDEs with Scott's bandwidth evaluated on a fixed grid. For the cosine m
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import h5py
 import numpy as np
 import scipy.stats
 
 from .matrices import NAMES, off_diagonal
-from .provenance import ProvenanceError, atomic_path, get_attrs, open_h5, set_attrs
+from .provenance import ProvenanceError, atomic_path, check_artifact, get_attrs, open_h5, set_attrs
 
 SMALL = 0.05  # |entry| below this counts as "near zero" (near-orthogonal in whitening space for P)
 ANGLE_BAND = 5.0  # degrees around 90
@@ -95,13 +95,10 @@ def write_kdes(path, grid: np.ndarray, curves: dict[str, dict[int, np.ndarray]],
             set_attrs(f, {**record, "bandwidth": "scott"})
 
 
-def read_kdes(path, *, model: str) -> dict[str, Any]:
+def read_kdes(path, *, model: str | Mapping[str, Any]) -> dict[str, Any]:
     """The curves of ``write_kdes``: grids as arrays, each group as {layer: density}; the model is checked."""
     with open_h5(path, "density curves") as f:
-        attrs = get_attrs(f)
-        if attrs.get("model") != model:
-            raise ProvenanceError(f"{path} holds density curves of model {attrs.get('model')!r}, expected {model!r}; "
-                                  f"rerun the kde rule")
+        check_artifact(get_attrs(f), path, "density-curves file", "kde", model)
         out: dict[str, Any] = {"grid": f["grid"][()], "angle_grid_deg": f["angle_grid_deg"][()]}
         for group in f:
             if isinstance(f[group], h5py.Group):

@@ -9,13 +9,13 @@ condition number.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import h5py
 import numpy as np
 import scipy.linalg
 
-from .provenance import CHECKSUM, ProvenanceError, atomic_path, get_attrs, open_h5, set_attrs
+from .provenance import CHECKSUM, ProvenanceError, atomic_path, check_artifact, get_attrs, open_h5, set_attrs
 
 
 class SingularCovarianceError(np.linalg.LinAlgError):
@@ -67,12 +67,10 @@ def write_whitening(path, w: Whitening, record: dict[str, Any]) -> None:
                           "dtype": "float64"})
 
 
-def read_whitening(path, *, model: str, layer: int, d_m: int) -> tuple[Whitening, dict[str, Any]]:
+def read_whitening(path, *, model: str | Mapping[str, Any], layer: int, d_m: int) -> tuple[Whitening, dict[str, Any]]:
     with open_h5(path, "whitening") as f:
         attrs = get_attrs(f)
-        if attrs.get("model") != model or attrs.get("layer") != layer:
-            raise ProvenanceError(f"{path} is the whitening of model {attrs.get('model')!r} layer "
-                                  f"{attrs.get('layer')}, expected model {model!r} layer {layer}")
+        check_artifact(attrs, path, "whitening", "whitening", model, layer=layer)
         w = Whitening(f["eigenvalues"][()], f["cholesky"][()], float(attrs["ridge"]))
     if w.cholesky.shape != (d_m, d_m):
         raise ProvenanceError(f"{path}: whitening has width {w.cholesky.shape[0]}, model {model!r} has d_m {d_m}")

@@ -15,7 +15,7 @@ def covariance(model_json: str, corpus_manifest: str, stats_paths: Sequence[str]
     manifest = models.read_manifest(model_json)
     corpus = read_json(corpus_manifest)
     total, count, shards = stats_mod.merge_layer(
-        stats_paths, layer, model=manifest["name"], d_m=manifest["d_m"],
+        stats_paths, layer, model=models.identity(manifest), d_m=manifest["d_m"],
         corpus_fingerprint=corpus["corpus_fingerprint"], n_shards=corpus["n_shards"])
     if count != corpus["corpus_tokens"]:
         raise ProvenanceError(f"layer {layer}: shards counted {count} tokens, the corpus has {corpus['corpus_tokens']}")
@@ -91,7 +91,7 @@ def export_rome(model_json: str, covariance_paths: Sequence[str], layers: Sequen
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for layer, path in zip(layers, covariance_paths):
-        C, attrs = stats_mod.read_covariance(path, model=manifest["name"], layer=layer, d_m=manifest["d_m"])
+        C, attrs = stats_mod.read_covariance(path, model=models.identity(manifest), layer=layer, d_m=manifest["d_m"])
         if corpus is not None and attrs["corpus_fingerprint"] != corpus["corpus_fingerprint"]:
             raise ProvenanceError(f"{path} was computed on another corpus than {corpus_manifest}; rerun covariance")
         if corpus is None:

@@ -29,11 +29,11 @@ def lifelong_edit(model_json: str, keys_path: str, whitening_path: str, covarian
     manifest = models.read_manifest(model_json)
     name, d_m = manifest["name"], manifest["d_m"]
     selection = read_json(selection_path)
-    K_pool, pool, _ = keys_mod.read_keys(keys_path, model=name, layer=layer, d_m=d_m)
+    K_pool, pool, _ = keys_mod.read_keys(keys_path, model=models.identity(manifest), layer=layer, d_m=d_m)
     if pool != selection["pool"]:
         raise ProvenanceError(f"{keys_path} holds keys of other facts than {selection_path} selects; rerun keys")
-    w, w_attrs = whitening_mod.read_whitening(whitening_path, model=name, layer=layer, d_m=d_m)
-    C, c_attrs = stats_mod.read_covariance(covariance_path, model=name, layer=layer, d_m=d_m)
+    w, w_attrs = whitening_mod.read_whitening(whitening_path, model=models.identity(manifest), layer=layer, d_m=d_m)
+    C, c_attrs = stats_mod.read_covariance(covariance_path, model=models.identity(manifest), layer=layer, d_m=d_m)
     if c_attrs["corpus_fingerprint"] != w_attrs["corpus_fingerprint"]:
         raise ProvenanceError(f"{covariance_path} and {whitening_path} come from different corpora")
     all_facts, _ = facts_mod.load_facts({**facts_cfg, "case_ids": None})

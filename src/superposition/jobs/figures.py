@@ -37,14 +37,14 @@ def _layer_text(layers: Sequence[int]) -> str:
 def figure_heatmaps(model_json: str, matrix_paths: Sequence[str], layers: Sequence[int], sizes: dict,
                     png: str, pdf: str, dpi: int) -> None:
     manifest, label, _ = _model(model_json, sizes)
-    Ps = {layer: matrices_mod.read_matrices(p, model=manifest["name"], layer=layer)[0]["P"]
+    Ps = {layer: matrices_mod.read_matrices(p, model=models.identity(manifest), layer=layer)[0]["P"]
           for layer, p in zip(layers, matrix_paths)}
     plots.heatmap_grid(Ps, label, png, pdf, dpi)
 
 
 def figure_kde(model_json: str, kde_path: str, sizes: dict, png: str, pdf: str, dpi: int) -> None:
     manifest, label, _ = _model(model_json, sizes)
-    kdes = read_kdes(kde_path, model=manifest["name"])
+    kdes = read_kdes(kde_path, model=models.identity(manifest))
     plots.kde_per_layer(kdes["grid"], kdes["P"], label, png, pdf, dpi)
 
 
@@ -54,7 +54,7 @@ def figure_across_models(model_jsons: Sequence[str], matrix_paths: Sequence[str]
     layer_of = dict(zip(matrix_paths, layers))
 
     def read(manifest, label, path):
-        P = matrices_mod.read_matrices(path, model=manifest["name"], layer=layer_of[path])[0]["P"]
+        P = matrices_mod.read_matrices(path, model=models.identity(manifest), layer=layer_of[path])[0]["P"]
         return f"{label}, layer {layer_of[path]}", P
 
     plots.heatmaps_across_models(_by_size(model_jsons, matrix_paths, sizes, read), _layer_text(layers), png, pdf, dpi)
@@ -64,7 +64,7 @@ def figure_kde_across_models(model_jsons: Sequence[str], kde_paths: Sequence[str
                              dpi: int) -> None:
     """Fig. 4: the density of off-diagonal P at each model's first analysed layer."""
     def read(manifest, label, path):
-        kdes = read_kdes(path, model=manifest["name"])
+        kdes = read_kdes(path, model=models.identity(manifest))
         layer = min(kdes["P"])
         return layer, kdes["grid"], (f"{label}, layer {layer}", kdes["P"][layer])
 
@@ -76,7 +76,7 @@ def figure_angles(model_jsons: Sequence[str], kde_paths: Sequence[str], sizes: d
                   dpi: int) -> None:
     """Fig. 6: angles between keys at each model's last analysed layer, whitening vs activation space."""
     def read(manifest, label, path):
-        kdes = read_kdes(path, model=manifest["name"])
+        kdes = read_kdes(path, model=models.identity(manifest))
         layer = max(kdes["W_angle"])
         return f"{label}, layer {layer}", kdes["angle_grid_deg"], kdes["W_angle"][layer], kdes["A_angle"][layer]
 

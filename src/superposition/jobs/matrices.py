@@ -13,12 +13,12 @@ def matrices(model_json: str, keys_path: str, whitening_path: str, selection_pat
              out_h5: str) -> None:
     manifest = models.read_manifest(model_json)
     selection = read_json(selection_path)
-    K_all, pool, key_attrs = keys_mod.read_keys(keys_path, model=manifest["name"], layer=layer, d_m=manifest["d_m"])
+    K_all, pool, key_attrs = keys_mod.read_keys(keys_path, model=models.identity(manifest), layer=layer, d_m=manifest["d_m"])
     if pool[: len(selection["selected"])] != selection["selected"]:
         raise ProvenanceError(f"{keys_path} holds keys of other facts than {selection_path} selects; rerun keys")
     m = len(selection["selected"])
     K = K_all[:m]
-    w, w_attrs = whitening_mod.read_whitening(whitening_path, model=manifest["name"], layer=layer, d_m=manifest["d_m"])
+    w, w_attrs = whitening_mod.read_whitening(whitening_path, model=models.identity(manifest), layer=layer, d_m=manifest["d_m"])
     mats = matrices_mod.superposition_matrices(K, w.cholesky, selection["selected"])
     record = {**models.provenance_of(manifest), **environment(), "layer": layer, "ridge": w.ridge,
               "corpus_fingerprint": w_attrs["corpus_fingerprint"], "n_tokens": w_attrs["n_tokens"],

@@ -14,7 +14,7 @@ def activation_stats(model_json: str, shard_path: str, layers: Sequence[int], st
                      out_path: str, checkpoint_path: str | None, execution: dict[str, Any] | None = None
                      ) -> dict[str, Any]:
     manifest = models.read_manifest(model_json)
-    shard = corpus_mod.read_shard(shard_path, model=manifest["name"])
+    shard = corpus_mod.read_shard(shard_path, model=models.identity(manifest))
     model, tokenizer = models.load(manifest, stats_cfg["device"], stats_cfg["model_dtype"])
     record = {
         **models.provenance_of(manifest),

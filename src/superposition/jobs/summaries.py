@@ -23,7 +23,7 @@ def _layer_matrices(model_json: str, matrix_paths: Sequence[str], layers: Sequen
     selection = read_json(selection_path)
     per_layer = []
     for layer, path in zip(layers, matrix_paths):
-        mats, _, attrs = matrices_mod.read_matrices(path, model=manifest["name"], layer=layer,
+        mats, _, attrs = matrices_mod.read_matrices(path, model=models.identity(manifest), layer=layer,
                                                     case_ids=selection["selected"])
         per_layer.append((layer, mats, attrs))
     return manifest, selection, per_layer
@@ -63,8 +63,8 @@ def kurtosis_vs_m(model_json: str, keys_path: str, whitening_paths: Sequence[str
     manifest = models.read_manifest(model_json)
     rows = []
     for layer, path in zip(layers, whitening_paths):
-        K, pool, _ = keys_mod.read_keys(keys_path, model=manifest["name"], layer=layer, d_m=manifest["d_m"])
-        w, _ = whitening_mod.read_whitening(path, model=manifest["name"], layer=layer, d_m=manifest["d_m"])
+        K, pool, _ = keys_mod.read_keys(keys_path, model=models.identity(manifest), layer=layer, d_m=manifest["d_m"])
+        w, _ = whitening_mod.read_whitening(path, model=models.identity(manifest), layer=layer, d_m=manifest["d_m"])
         for m, kurt in summ.kurtosis_vs_m(K, w.cholesky, [*m_values, len(pool)]):
             rows.append({"layer": layer, "m": m, "all_known": int(m == len(pool)), "P_excess_kurtosis": kurt})
     write_table(out_tsv, rows, ["layer", "m", "all_known", "P_excess_kurtosis"])

@@ -20,10 +20,10 @@ def top_pairs(model_json: str, matrix_paths: Sequence[str], layers: Sequence[int
     manifest = models.read_manifest(model_json)
     selection = read_json(selection_path)
     facts, _ = facts_mod.load_facts({**facts_cfg, "case_ids": selection["selected"]})
-    first = keys_mod.read_first_positions(keys_path, model=manifest["name"])
+    first = keys_mod.read_first_positions(keys_path, model=models.identity(manifest))
     rows = []
     for layer, path in zip(layers, matrix_paths):
-        mats, _, _ = matrices_mod.read_matrices(path, model=manifest["name"], layer=layer,
+        mats, _, _ = matrices_mod.read_matrices(path, model=models.identity(manifest), layer=layer,
                                                 case_ids=selection["selected"])
         P, W, A = mats["P"], mats["W"], mats["A"]
         for rank, (i, j, value) in enumerate(matrices_mod.top_pairs(P, n_top)):

@@ -10,7 +10,7 @@ from ..provenance import environment
 
 def whitening(model_json: str, covariance_path: str, layer: int, ridge: float, out_path: str) -> None:
     manifest = models.read_manifest(model_json)
-    C, attrs = stats_mod.read_covariance(covariance_path, model=manifest["name"], layer=layer, d_m=manifest["d_m"])
+    C, attrs = stats_mod.read_covariance(covariance_path, model=models.identity(manifest), layer=layer, d_m=manifest["d_m"])
     w = whitening_mod.whiten(C, ridge=ridge, layer=layer, n_tokens=attrs.get("n_tokens"))
     record = {**models.provenance_of(manifest), **environment(), "layer": layer,
               "corpus_fingerprint": attrs["corpus_fingerprint"], "n_tokens": attrs["n_tokens"]}
