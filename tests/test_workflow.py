@@ -76,7 +76,7 @@ def test_tiny_workflow_outputs_and_provenance(tiny_run):
     for shard in (0, 1):
         with h5py.File(res / f"stats/tiny/shard-{shard}.block-0-2.h5") as f:
             execution = json.loads(f.attrs["execution"])
-        assert execution["stats.checkpoint_every"] == 2 and execution["stats.max_tokens_per_batch"] == 256
+        assert execution["stats.checkpoint_every"] == 1 and execution["stats.max_tokens_per_batch"] == 256
         assert execution["stats.device"] == "auto"
     with h5py.File(res / "keys/tiny.h5") as f:
         assert json.loads(f.attrs["execution"])["facts.batch_size"] == 64

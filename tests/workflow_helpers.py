@@ -147,7 +147,7 @@ def tiny_settings(tmp: Path) -> dict:
         models={"tiny": {"source": "local", "path": str(tmp / "tiny"), "n_layers": 3, "params_millions": 1.6}},
         corpus={"source": "wiki_offline", "n_documents": 24, "max_length": 48, "n_shards": 2},
         facts={"source": "file", "path": str(tmp / "facts.json"), "m": 4, "case_ids": [4, 0, 1, 2, 3]},
-        stats={"checkpoint_every": 2, "max_tokens_per_batch": 256},
+        stats={"checkpoint_every": 1, "max_tokens_per_batch": 256},
     )
 
 
