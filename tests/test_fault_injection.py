@@ -19,7 +19,6 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import pytest
 import yaml
 from workflow_helpers import REPO, SNAKEMAKE, _without_slurm_probe, snakemake
 

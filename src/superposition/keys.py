@@ -10,12 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-import h5py
 import numpy as np
 
 from .facts import Fact, FactError
 from .models import batch_tokens, blocks, key_module
-from .provenance import CHECKSUM, ProvenanceError, atomic_path, check_artifact, get_attrs, open_h5, set_attrs
+from .provenance import ProvenanceError, check_artifact, get_attrs, open_h5, write_h5
 
 
 def subject_last_index(offsets: Sequence[tuple[int, int]], span: tuple[int, int], case_id: Any = "?") -> int:
@@ -209,15 +208,14 @@ def run_prompts(
 def write_keys(path, keys: np.ndarray, case_ids: Sequence[int], token_index: Sequence[int],
                token_str: Sequence[str], first_position: Sequence[bool], layers: Sequence[int],
                record: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("keys", data=keys, **CHECKSUM)  # (n_facts, n_layers, d_m) float32, as the model computed them
-            f.create_dataset("case_ids", data=np.asarray(case_ids, dtype=np.int64))
-            f.create_dataset("layers", data=np.asarray(layers, dtype=np.int64))
-            f.create_dataset("token_index", data=np.asarray(token_index, dtype=np.int64))
-            f.create_dataset("token_str", data=list(token_str), dtype=h5py.string_dtype())
-            f.create_dataset("first_position", data=np.asarray(first_position, dtype=bool))
-            set_attrs(f, {**record, "keys_dtype": str(keys.dtype)})
+    write_h5(path, {
+        "keys": keys,  # (n_facts, n_layers, d_m) float32, as the model computed them
+        "case_ids": np.asarray(case_ids, dtype=np.int64),
+        "layers": np.asarray(layers, dtype=np.int64),
+        "token_index": np.asarray(token_index, dtype=np.int64),
+        "token_str": [str(t) for t in token_str],
+        "first_position": np.asarray(first_position, dtype=bool),
+    }, {**record, "keys_dtype": str(keys.dtype)})
 
 
 def read_keys(path, *, model: str | Mapping[str, Any], layer: int, d_m: int

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-import h5py
 import numpy as np
 import scipy.linalg
 
-from .provenance import CHECKSUM, ProvenanceError, atomic_path, check_artifact, get_attrs, open_h5, set_attrs
+from .provenance import ProvenanceError, check_artifact, get_attrs, open_h5, write_h5
 
 NAMES = ("P", "Q", "W", "A")
 
@@ -69,12 +68,8 @@ def top_pairs(P: np.ndarray, k: int) -> list[tuple[int, int, float]]:
 
 
 def write_matrices(path, mats: dict[str, np.ndarray], case_ids: Sequence[int], record: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            for name in ("G", *NAMES):
-                f.create_dataset(name, data=mats[name], **CHECKSUM)
-            f.create_dataset("case_ids", data=np.asarray(case_ids, dtype=np.int64))
-            set_attrs(f, {**record, "m": len(case_ids), "dtype": "float64"})
+    write_h5(path, {**{name: mats[name] for name in ("G", *NAMES)}, "case_ids": np.asarray(case_ids, dtype=np.int64)},
+             {**record, "m": len(case_ids), "dtype": "float64"})
 
 
 def read_matrices(path, *, model: str | Mapping[str, Any], layer: int, case_ids: Sequence[int] | None = None):

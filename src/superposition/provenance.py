@@ -99,6 +99,26 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
+def write_h5(path: str | os.PathLike, datasets: Mapping[str, Any], record: Mapping[str, Any], *,
+             compress: Iterable[str] = ()) -> None:
+    """An HDF5 artifact, written atomically: ``datasets`` by their path in the file ("G", "closed_form/deltas"),
+    ``record`` (its provenance) as the file's attributes. Numeric datasets carry the Fletcher-32 checksum, lists
+    of str become string datasets, the ``compress`` ones are gzipped."""
+    compress = set(compress)
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            for name, data in datasets.items():
+                if isinstance(data, (list, tuple)) and all(isinstance(item, str) for item in data) and data:
+                    f.create_dataset(name, data=list(data), dtype=h5py.string_dtype())
+                    continue
+                array = np.asarray(data)
+                options = dict(CHECKSUM) if array.size else {}  # filters need a chunked, non-empty dataset
+                if name in compress and array.size:
+                    options["compression"] = "gzip"
+                f.create_dataset(name, data=array, **options)
+            set_attrs(f, dict(record))
+
+
 def write_json(path: str | os.PathLike, payload: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=_json_default) + "\n")

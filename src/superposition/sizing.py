@@ -145,8 +145,8 @@ def check_blocks(size: ModelSize, blocks: dict[str, int], gpu_memory_gb: float,
             continue
         fits = largest_block(size, gpu, stats)
         advice = (f"set models.{size.name}.layer_block_size: {fits} (or a GPU with more memory)" if fits else
-                  f"even one layer does not fit next to the weights: use a GPU with more memory or a smaller "
-                  f"stats.model_dtype")
+                  "even one layer does not fit next to the weights: use a GPU with more memory or a smaller "
+                  "stats.model_dtype")
         raise SizingError(
             f"{size.name}: the statistics block {name} ({n} layers, d_m {size.d_m}) needs {need['total']:,} bytes "
             f"({need['total'] / GB:.1f} GB: weights {need['weights'] / GB:.1f} GB in {stats.model_dtype}, float64 "

@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 
 from .models import batch_tokens, blocks, check_layers, key_module, key_width
-from .provenance import CHECKSUM, ProvenanceError, atomic_path, check_artifact, get_attrs, open_h5, set_attrs
+from .provenance import CHECKSUM, ProvenanceError, atomic_path, check_artifact, get_attrs, open_h5, set_attrs, write_h5
 
 GRAM_DTYPES = ("float32", "float64")
 
@@ -426,10 +426,7 @@ def merge_layer(paths: Sequence[str | os.PathLike], layer: int, *, model: str | 
 
 
 def write_covariance(path, second_moment: np.ndarray, count: int, record: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("C", data=second_moment, **CHECKSUM)
-            set_attrs(f, {**record, "n_tokens": count, "dtype": "float64", "centred": False})
+    write_h5(path, {"C": second_moment}, {**record, "n_tokens": count, "dtype": "float64", "centred": False})
 
 
 def read_covariance(path, *, model: str | Mapping[str, Any], layer: int, d_m: int) -> tuple[np.ndarray, dict[str, Any]]:
@@ -492,7 +489,7 @@ class ImportedStatisticsError(ProvenanceError):
     """An imported statistics file is missing, ambiguous or does not hold a valid key second moment."""
 
 
-def rome_file_regex(module_name: str) -> "re.Pattern[str]":
+def rome_file_regex(module_name: str):
     import re
 
     stat = "|".join(ROME_STAT_NAMES)

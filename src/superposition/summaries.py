@@ -15,7 +15,7 @@ import numpy as np
 import scipy.stats
 
 from .matrices import NAMES, off_diagonal
-from .provenance import ProvenanceError, atomic_path, check_artifact, get_attrs, open_h5, set_attrs
+from .provenance import check_artifact, get_attrs, open_h5, write_h5
 
 SMALL = 0.05  # |entry| below this counts as "near zero" (near-orthogonal in whitening space for P)
 ANGLE_BAND = 5.0  # degrees around 90
@@ -80,19 +80,13 @@ def write_kdes(path, grid: np.ndarray, curves: dict[str, dict[int, np.ndarray]],
                angle_grid: np.ndarray, angle_curves: dict[str, dict[int, np.ndarray]],
                q_grids: dict[int, np.ndarray], record: dict[str, Any]) -> None:
     """KDE curves: /grid and /<P|W|A>/layer_<l> on the fixed grid, Q on its own per-layer grid, angles in degrees."""
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("grid", data=grid)
-            f.create_dataset("angle_grid_deg", data=angle_grid)
-            for name, per_layer in curves.items():
-                for layer, density in per_layer.items():
-                    f.create_dataset(f"{name}/layer_{layer}", data=density)
-            for layer, q_grid in q_grids.items():
-                f.create_dataset(f"Q_grid/layer_{layer}", data=q_grid)
-            for name, per_layer in angle_curves.items():
-                for layer, density in per_layer.items():
-                    f.create_dataset(f"{name}_angle/layer_{layer}", data=density)
-            set_attrs(f, {**record, "bandwidth": "scott"})
+    datasets = {"grid": grid, "angle_grid_deg": angle_grid}
+    datasets.update({f"{name}/layer_{layer}": density for name, per_layer in curves.items()
+                     for layer, density in per_layer.items()})
+    datasets.update({f"Q_grid/layer_{layer}": q_grid for layer, q_grid in q_grids.items()})
+    datasets.update({f"{name}_angle/layer_{layer}": density for name, per_layer in angle_curves.items()
+                     for layer, density in per_layer.items()})
+    write_h5(path, datasets, {**record, "bandwidth": "scott"})
 
 
 def read_kdes(path, *, model: str | Mapping[str, Any]) -> dict[str, Any]:

@@ -11,11 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-import h5py
 import numpy as np
 import scipy.linalg
 
-from .provenance import CHECKSUM, ProvenanceError, atomic_path, check_artifact, get_attrs, open_h5, set_attrs
+from .provenance import ProvenanceError, check_artifact, get_attrs, open_h5, write_h5
 
 
 class SingularCovarianceError(np.linalg.LinAlgError):
@@ -58,13 +57,9 @@ def whiten(C: np.ndarray, *, ridge: float = 0.0, layer: Any = "?", n_tokens: int
 
 
 def write_whitening(path, w: Whitening, record: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("eigenvalues", data=w.eigenvalues, **CHECKSUM)
-            f.create_dataset("cholesky", data=w.cholesky, **CHECKSUM)
-            set_attrs(f, {**record, "ridge": w.ridge, "condition_number": w.condition_number,
-                          "min_eigenvalue": float(w.eigenvalues[0]), "max_eigenvalue": float(w.eigenvalues[-1]),
-                          "dtype": "float64"})
+    write_h5(path, {"eigenvalues": w.eigenvalues, "cholesky": w.cholesky},
+             {**record, "ridge": w.ridge, "condition_number": w.condition_number,
+              "min_eigenvalue": float(w.eigenvalues[0]), "max_eigenvalue": float(w.eigenvalues[-1]), "dtype": "float64"})
 
 
 def read_whitening(path, *, model: str | Mapping[str, Any], layer: int, d_m: int) -> tuple[Whitening, dict[str, Any]]:
