@@ -1,4 +1,5 @@
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -322,6 +323,27 @@ def killed_run(tmp_path, out, checkpoint, crash_after=7):
     assert checkpoint.exists() and not out.exists()
 
 
+def signalled_run(tmp_path, out, checkpoint, signal_after=1):
+    """run_statistics in a child process that sends itself SIGUSR1 (as sbatch --signal=USR1@... does) after
+    ``signal_after`` batches; it must stop at its next checkpoint (every 3 batches) with a JobStopped error."""
+    script = tmp_path / "signalled.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from superposition import stats
+        from test_stats import run_statistics
+        add_batch = stats.GramAccumulator.add_batch
+        def signalling(self, ids, mask, positions, batch_index):
+            n = add_batch(self, ids, mask, positions, batch_index)
+            if batch_index + 1 == {signal_after}:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            return n
+        stats.GramAccumulator.add_batch = signalling
+        run_statistics({str(out)!r}, {str(checkpoint)!r})
+    """))
+    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+
+
 @pytest.fixture(scope="module")
 def undisturbed_sums(tmp_path_factory):
     """The same job run once without a checkpoint file and once with one that is never needed."""
@@ -367,3 +389,24 @@ def test_a_damaged_checkpoint_is_restored_whole_or_not_at_all(damage, tmp_path, 
     assert na == nb
     for key in b:
         assert np.array_equal(a[key], b[key]), key
+
+
+def test_a_signalled_job_stops_at_its_next_checkpoint_and_resumes_to_the_same_bits(tmp_path, undisturbed_sums,
+                                                                                    capsys):
+    ckpt, out = tmp_path / "ckpt.h5", tmp_path / "out.h5"
+    stopped = signalled_run(tmp_path, out, ckpt, signal_after=1)
+    assert stopped.returncode != 0 and not out.exists()
+    assert "JobStopped: stopped on SIGUSR1 at batch 3/" in stopped.stderr, stopped.stderr[-2000:]
+    with h5py.File(ckpt) as f:
+        assert int(f.attrs["next_batch"]) == 3  # the first regular checkpoint after the signal
+    capsys.readouterr()
+    run_statistics(out, ckpt)
+    printed = capsys.readouterr().out
+    assert "resuming from" in printed and "at batch 3/" in printed
+    (a, na), (b, nb) = read_sums(out), undisturbed_sums[0]
+    assert na == nb and all(np.array_equal(a[key], b[key]) for key in b)
+
+
+def test_without_a_checkpoint_file_a_signal_ends_the_job_at_once(tmp_path):
+    stopped = signalled_run(tmp_path, tmp_path / "out.h5", "", signal_after=1)
+    assert stopped.returncode == -signal.SIGUSR1  # the default action: nothing to resume from, so no waiting

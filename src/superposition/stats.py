@@ -8,8 +8,11 @@ several shards merge exactly; a job checkpoints its sums and resumes after a cra
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -315,6 +318,38 @@ def _load_checkpoint(path, accumulator: GramAccumulator, plan: str) -> int:
     return next_batch
 
 
+class JobStopped(RuntimeError):
+    """The job was asked to stop (SIGTERM, SIGUSR1) and did so at a checkpoint: its rerun resumes from there."""
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+@contextlib.contextmanager
+def _stop_requests(enabled: bool):
+    """While a checkpoint file is kept, SIGTERM or SIGUSR1 (SLURM sends them before a time limit or a preemption:
+    sbatch --signal) ask the job to stop at its next checkpoint instead of dying between two; a second signal
+    ends it at once. Yields the list the signals are recorded in."""
+    received: list[str] = []
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def request(signum, frame):
+        if received:  # asked twice: stop now (the last checkpoint on disk stays valid)
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        received.append(signal.Signals(signum).name)
+        print(f"{received[-1]} received: stopping at the next checkpoint", flush=True)
+
+    previous = {sig: signal.signal(sig, request) for sig in STOP_SIGNALS}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def collect_second_moments(
     model,
     docs: Sequence[np.ndarray],
@@ -356,7 +391,7 @@ def collect_second_moments(
     t0 = time.perf_counter()
     bar = tqdm(total=total, initial=done_before, unit="tok", unit_scale=True, disable=not progress,
                desc=f"second moments, {len(accumulator.layers)} layers", mininterval=5)
-    with accumulator:
+    with accumulator, _stop_requests(bool(checkpoint_path)) as stop:
         for index in range(start, len(batches)):
             ids, mask, positions = pad_batch([docs[i] for i in batches[index]], pad_id)
             bar.update(accumulator.add_batch(ids, mask, positions, index))
@@ -365,6 +400,9 @@ def collect_second_moments(
                 accumulator.flush()
                 if checkpoint_path and index + 1 < len(batches):
                     _save_sums(checkpoint_path, accumulator, {"plan": plan, "next_batch": index + 1}, final=False)
+                    if stop:  # at a regular checkpoint, so the resumed result has the same bits
+                        raise JobStopped(f"stopped on {stop[0]} at batch {index + 1}/{len(batches)}: checkpoint "
+                                         f"{checkpoint_path} saved; the job's rerun resumes from it")
         accumulator.flush()  # the last Gram products belong to the timed work
     bar.close()
     elapsed = time.perf_counter() - t0
