@@ -85,3 +85,61 @@ def test_a_corpus_section_without_its_defaults_is_refused_not_completed(tmp_path
     with pytest.raises(KeyError, match="text_field"):
         corpus.load_documents({"source": "local", "path": str(tmp_path / "c.jsonl")})
     assert corpus_settings()["seed"] == 1 and corpus_settings()["text_field"] == "text"
+
+
+class WordTokenizer:
+    """One token per word after a BOS, truncated as a transformers tokenizer truncates (special tokens kept)."""
+
+    def __call__(self, texts, add_special_tokens=True, truncation=False, max_length=None, verbose=True):
+        def encode(text):
+            ids = [1] + [3 + len(word) for word in text.split()]
+            return ids[:max_length] if truncation else ids
+
+        return {"input_ids": encode(texts) if isinstance(texts, str) else [encode(t) for t in texts]}
+
+
+@pytest.mark.parametrize("values, context, expected", [
+    ({}, 131072, (2048, "corpus.max_length_cap")),  # the schema's default cap
+    ({"max_length_cap": None}, 131072, (131072, "model context length")),
+    ({}, 1024, (1024, "model context length")),  # a context below the cap is read whole
+    ({"max_length": 512}, 131072, (512, "corpus.max_length")),  # an explicit length ignores the cap
+    ({"max_length": 512, "max_length_cap": 100}, 8192, (512, "corpus.max_length")),
+    ({"max_length": 4096}, 1024, (1024, "model context length")),  # never beyond the context
+    ({"max_length_cap": 300}, None, (300, "corpus.max_length_cap")),  # no context in the model's config
+])
+def test_document_length_limit(values, context, expected):
+    assert corpus.document_length_limit(corpus_settings(**values), context) == expected
+
+
+def test_document_length_limit_without_any_length_names_the_keys():
+    with pytest.raises(corpus.CorpusError, match="corpus.max_length and corpus.max_length_cap are both null"):
+        corpus.document_length_limit(corpus_settings(max_length_cap=None), None)
+
+
+def test_the_default_run_keeps_512_tokens_per_document():
+    import yaml
+
+    from conftest import REPO
+
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    assert corpus.document_length_limit(settings.rule_settings(cfg, "corpus_shards")["corpus"], 131072)[0] == 512
+
+
+def test_a_capped_long_context_is_recorded_and_logged(tmp_path, capsys):
+    texts = ["a " * 3, "b " * 9, "c " * 20, "d " * 7]  # 4, 10, 21 and 8 tokens with the BOS
+    docs = corpus.Documents(list("abcd"), texts, "local:test")
+    manifest = corpus.build_shards(WordTokenizer(), docs, corpus_settings(max_length_cap=8), 131072,
+                                   [tmp_path / "s.h5"], {"model": "m"})
+    assert manifest["max_length"] == 8 and manifest["max_length_from"] == "corpus.max_length_cap"
+    assert manifest["max_length_cap"] == 8 and manifest["model_context_length"] == 131072
+    # the 8-token document came out 8 long but was not cut
+    assert manifest["truncated_documents"] == 2
+    assert sorted(len(d) for d in corpus.read_shard(tmp_path / "s.h5").docs) == [4, 8, 8, 8]
+    assert manifest["corpus_tokens"] == 28
+    assert "2 of 4 documents truncated to 8 tokens (corpus.max_length_cap; the model's context is 131072), " \
+           "the longest from 21 tokens" in capsys.readouterr().out
+    # nothing cut: nothing logged
+    manifest = corpus.build_shards(WordTokenizer(), docs, corpus_settings(max_length_cap=None), 64,
+                                   [tmp_path / "t.h5"], {"model": "m"})
+    assert manifest["truncated_documents"] == 0 and manifest["max_length"] == 64
+    assert "truncated" not in capsys.readouterr().out

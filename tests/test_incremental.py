@@ -77,6 +77,7 @@ CONFIG_CHANGES = {
     "corpus.n_documents": ({"corpus.n_documents": 30}, FROM_CORPUS),
     "corpus.seed": ({"corpus.seed": 2}, FROM_CORPUS),
     "corpus.max_length": ({"corpus.max_length": 40}, FROM_CORPUS),
+    "corpus.max_length_cap": ({"corpus.max_length_cap": 40}, set()),  # ignored: the tiny run sets max_length
     "corpus.min_tokens": ({"corpus.min_tokens": 5}, FROM_CORPUS),
     "corpus.n_shards": ({"corpus.n_shards": 3}, FROM_CORPUS),
     "facts.source": ({"facts.source": "probe"}, FROM_SELECTION),

@@ -74,6 +74,37 @@ def test_second_moment_matches_float64_reference(model_type, gram_tokens, tmp_pa
         assert np.linalg.norm(C - ref[layer][0]) <= tolerance * np.linalg.norm(ref[layer][0])
 
 
+@pytest.mark.parametrize("gram_tokens", [None, 0])
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_a_document_longer_than_a_batch_is_a_batch_of_its_own_whole(model_type, gram_tokens, tmp_path, capsys):
+    # 60 and 45 tokens against a 16-position batch limit (the tiny models' context is 64), between short documents
+    model = tiny_model(model_type).double()
+    rng = np.random.default_rng(1)
+    docs = random_docs(10, max_len=8)
+    docs[3] = rng.integers(0, 101, size=60, dtype=np.int32)
+    docs[7] = rng.integers(0, 101, size=45, dtype=np.int32)
+    plan = stats.token_batches([len(d) for d in docs], 16, 5)
+    assert plan[:2] == [[3], [7]] and sorted(i for b in plan for i in b) == list(range(10))
+    assert all(len(docs[b[0]]) * len(b) <= 16 for b in plan[2:])
+    layers = [0, 2]
+    summary = run(model, docs, layers, tmp_path / "s.h5", max_tokens=16, max_batch=5, gram_dtype="float64",
+                  gram_tokens=gram_tokens)
+    assert "2 documents are longer than stats.max_tokens_per_batch = 16 (the longest 60 tokens)" in \
+        capsys.readouterr().out
+    assert summary["longest_batch_positions"] == 60 and summary["n_batches"] == len(plan)
+    assert summary["attention_implementation"] == model.config._attn_implementation
+    sums, count = read_sums(tmp_path / "s.h5")
+    ref = reference_second_moments(model, docs, layers)
+    assert count == sum(len(d) for d in docs) == ref[0][1]  # every key once: none cut, none twice
+    tolerance = 1e-7 if model_type == "gemma2" else 1e-10  # as in the float64 reference test above
+    for layer in layers:
+        C = sums[f"layer_{layer}"] / count
+        assert np.linalg.norm(C - ref[layer][0]) <= tolerance * np.linalg.norm(ref[layer][0])
+    # the long documents alone, each its own batch, add up to the same sums as the reference of the two
+    alone = run(model, [docs[3], docs[7]], layers, tmp_path / "a.h5", max_tokens=16, gram_dtype="float64")
+    assert alone["n_batches"] == 2 and alone["n_tokens"] == 105
+
+
 @pytest.mark.parametrize("panel", [16, 24, 64])
 @pytest.mark.parametrize("numpy_add", [True, False], ids=["cpu-add", "torch-add"])
 def test_gram_by_upper_panels_equals_reference(panel, numpy_add, monkeypatch):

@@ -185,6 +185,37 @@ def tokenize_documents(tokenizer, texts: Sequence[str], max_length: int) -> list
     return [np.asarray(ids, dtype=np.int32) for ids in encoded]
 
 
+def untruncated_lengths(tokenizer, texts: Sequence[str], docs: Sequence[np.ndarray], max_length: int) -> list[int]:
+    """The full token counts of the documents ``tokenize_documents`` cut: only those that came out exactly
+    ``max_length`` long can have been cut, and only they are tokenised again, untruncated."""
+    full = []
+    for text, ids in zip(texts, docs):
+        if len(ids) >= max_length:
+            n = len(tokenizer(text, add_special_tokens=True, truncation=False, verbose=False)["input_ids"])
+            if n > max_length:
+                full.append(n)
+    return full
+
+
+def document_length_limit(cfg: dict[str, Any], context_length: int | None) -> tuple[int, str]:
+    """Tokens kept per document and which setting decided it: corpus.max_length if set, else the model's context
+    capped by corpus.max_length_cap (a long-context model, e.g. Llama-3.1's 131,072, is not read whole by default);
+    never more than the model's context."""
+    max_length, cap = cfg["max_length"], cfg["max_length_cap"]
+    if max_length is not None:
+        wanted = (int(max_length), "corpus.max_length")
+    elif cap is not None:
+        wanted = (int(cap), "corpus.max_length_cap")
+    elif context_length:
+        return int(context_length), "model context length"
+    else:
+        raise CorpusError("corpus.max_length and corpus.max_length_cap are both null and the model's config gives "
+                          "no context length: set corpus.max_length")
+    if context_length and int(context_length) < wanted[0]:
+        return int(context_length), "model context length"
+    return wanted
+
+
 def split_shards(n_items: int, n_shards: int) -> list[range]:
     """Contiguous, balanced shards of the selection order."""
     if n_shards < 1:
@@ -248,15 +279,16 @@ def build_shards(tokenizer, documents: Documents, cfg: dict[str, Any], context_l
     ``cfg`` is the corpus section with its schema defaults filled in (settings.rule_settings): no defaults here.
     """
     rows = select_documents(len(documents.texts), cfg["n_documents"], int(cfg["seed"]))
-    max_length = cfg["max_length"] or context_length
-    if not max_length:
-        raise CorpusError("corpus.max_length is unset and the model's config gives no context length")
-    max_length = int(min(max_length, context_length or max_length))
+    max_length, limited_by = document_length_limit(cfg, context_length)
     texts = [documents.texts[i] for i in rows]
     doc_ids = [documents.ids[i] for i in rows]
     keep = [i for i, text in enumerate(texts) if text and text.strip()]
     texts, doc_ids = [texts[i] for i in keep], [doc_ids[i] for i in keep]
     docs = tokenize_documents(tokenizer, texts, max_length)
+    cut = untruncated_lengths(tokenizer, texts, docs, max_length)
+    if cut:
+        print(f"{len(cut)} of {len(docs)} documents truncated to {max_length} tokens ({limited_by}; the model's "
+              f"context is {context_length}), the longest from {max(cut)} tokens")
     fingerprint = token_fingerprint(docs)
     total = int(sum(len(d) for d in docs))
     min_tokens = cfg["min_tokens"]
@@ -269,7 +301,11 @@ def build_shards(tokenizer, documents: Documents, cfg: dict[str, Any], context_l
         "corpus_fingerprint": fingerprint,
         "corpus_documents": len(docs),
         "corpus_tokens": total,
-        "max_length": max_length,
+        "max_length": max_length,  # tokens kept per document, as applied
+        "max_length_from": limited_by,
+        "max_length_cap": cfg["max_length_cap"],
+        "model_context_length": context_length,
+        "truncated_documents": len(cut),
         "seed": int(cfg["seed"]),
         "n_shards": len(shard_paths),
     }

@@ -210,7 +210,7 @@ def rerun_table() -> str:
         else:
             effect = "the jobs whose files it adds or renames"
         if key.when:
-            effect += " (only when " + " and ".join(f"{s} is {' or '.join(map(str, v))}" for s, v in key.when) + ")"
+            effect += " (only when " + " and ".join(f"{s} is {' or '.join('null' if x is None else str(x) for x in v)}" for s, v in key.when) + ")"
         default = f"`{_canonical(key.default)}`" if has_default(key) else ""
         lines.append(f"| `{key.name}` | {key.kind} | {effect} | {default} | {key.description} |")
     return "\n".join(lines)

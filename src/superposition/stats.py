@@ -376,6 +376,14 @@ def collect_second_moments(
     if batch_overhead_tokens is None:
         batch_overhead_tokens = default_batch_overhead(next(model.parameters()).device.type)
     batches = token_batches(lengths, max_tokens, max_batch, batch_overhead_tokens)
+    attention = getattr(model.config, "_attn_implementation", None)
+    longest = max(lengths, default=0)
+    if longest > max_tokens:
+        # never cut: one forward pass over the whole document. Its activations grow linearly with its length;
+        # eager attention's scores with its square (sdpa's fused kernels do not materialise them)
+        print(f"{sum(n > max_tokens for n in lengths)} documents are longer than stats.max_tokens_per_batch = "
+              f"{max_tokens} (the longest {longest} tokens): each is a batch of its own, whole "
+              f"({attention} attention)")
     accumulator = GramAccumulator(model, list(layers), gram_dtype, gram_tokens)
     # The plan names the batches, layers, accumulator layout and the grouping of tokens into Gram products (which
     # moves the float32 rounding): a checkpoint of another plan is never resumed.
@@ -414,6 +422,8 @@ def collect_second_moments(
         "plan": plan,
         "n_tokens": total,
         "n_batches": len(batches),
+        "longest_batch_positions": max((len(b) * lengths[b[0]] for b in batches), default=0),  # padded, of one pass
+        "attention_implementation": attention,
         "gram_dtype": gram_dtype,
         "gram_tokens": accumulator.gram_tokens,
         "accumulator_dtype": "float64",
