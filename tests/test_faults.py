@@ -47,8 +47,25 @@ def _stats(path):
     return lambda: stats.merge_layer([path], 0, model="m", d_m=8, corpus_fingerprint="c", n_shards=1), "layer_0/sum"
 
 
+def _shard(path):
+    from superposition import corpus
+
+    docs = [np.arange(n, dtype=np.int32) % 50 for n in (300, 500, 200)]
+    corpus.write_shard(path, docs, ["a", "b", "c"], {"model": "m", "shard": 0})
+    return lambda: corpus.read_shard(path, model="m"), "tokens"
+
+
+def _kde(path):
+    from superposition import summaries
+
+    grid = np.linspace(-1, 1, 301)
+    summaries.write_kdes(path, grid, {"P": {0: np.exp(-grid ** 2)}}, grid * 90, {"P": {0: np.ones(301)}},
+                         {0: grid}, {"model": "m"})
+    return lambda: summaries.read_kdes(path, model="m"), "P/layer_0"
+
+
 ARTIFACTS = {"covariance": _covariance, "whitening": _whitening, "keys": _keys, "matrices": _matrices,
-             "statistics": _stats}
+             "statistics": _stats, "corpus shard": _shard, "density curves": _kde}
 
 
 def _damage_dataset(path, name, how):
@@ -66,7 +83,7 @@ def _damage_dataset(path, name, how):
 @pytest.mark.parametrize("how", ["flip", "zero"])
 @pytest.mark.parametrize("kind", sorted(ARTIFACTS))
 def test_a_damaged_dataset_is_an_error_naming_the_file(kind, how, tmp_path):
-    path = tmp_path / f"{kind}.h5"
+    path = tmp_path / f"{kind.replace(' ', '_')}.h5"
     read, dataset = ARTIFACTS[kind](path)
     read()  # intact: reads
     _damage_dataset(path, dataset, how)
@@ -76,7 +93,7 @@ def test_a_damaged_dataset_is_an_error_naming_the_file(kind, how, tmp_path):
 
 @pytest.mark.parametrize("kind", sorted(ARTIFACTS))
 def test_a_truncated_artifact_is_an_error_naming_the_file(kind, tmp_path):
-    path = tmp_path / f"{kind}.h5"
+    path = tmp_path / f"{kind.replace(' ', '_')}.h5"
     read, _ = ARTIFACTS[kind](path)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(ProvenanceError, match=rf"{path} is (corrupt or truncated|damaged)"):
@@ -170,3 +187,18 @@ def test_the_one_hdf5_writer_checksums_numbers_keeps_strings_and_compresses_on_r
         assert f["empty"].shape == (0,)
         assert get_attrs(f) == {"model": "m", "layer": 2}
     assert [p.name for p in tmp_path.iterdir()] == ["a.h5"]  # no temporary file left beside it
+
+
+@pytest.mark.parametrize("kind", ["model manifest", "fact selection"])
+def test_a_damaged_json_artifact_is_an_error_naming_the_file(kind, tmp_path):
+    from superposition import models
+    from superposition.provenance import read_json, write_json
+
+    path = tmp_path / f"{kind.replace(' ', '_')}.json"
+    write_json(path, {"name": "m", "path": ".", "model_type": "llama", "n_layers": 2, "d_m": 4,
+                      "selected": [1, 2, 3]})
+    read = (lambda: models.read_manifest(path)) if kind == "model manifest" else (lambda: read_json(path))
+    read()
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ProvenanceError, match=rf"{path}: not valid JSON"):
+        read()
