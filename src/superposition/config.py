@@ -25,17 +25,8 @@ def model_specs(config: dict[str, Any]) -> dict[str, ModelSpec]:
     return {name: ModelSpec.from_config(name, entry or {}) for name, entry in models.items()}
 
 
-def n_layers_of(spec: ModelSpec, results: str | Path = DEFAULT_RESULTS) -> int:
-    """Layer count without loading the model: config, an existing snapshot manifest, or a local config.json."""
-    manifest = Path(results) / "models" / spec.name / "model.json"
-    snapshot_layers = int(json.loads(manifest.read_text())["n_layers"]) if manifest.is_file() else None
-    if spec.n_layers is not None:
-        if snapshot_layers is not None and snapshot_layers != spec.n_layers:
-            raise ConfigError(f"models.{spec.name}.n_layers is {spec.n_layers} but the snapshot {manifest} has "
-                              f"{snapshot_layers} layers: fix n_layers, or delete the snapshot if the model changed")
-        return int(spec.n_layers)
-    if snapshot_layers is not None:
-        return snapshot_layers
+def checkpoint_config(spec: ModelSpec) -> dict[str, Any] | None:
+    """The checkpoint's config.json before any snapshot: a local model's, or a hub model's already in the HF cache."""
     candidates = []
     if spec.source == "local":
         candidates.append(Path(spec.path).expanduser() / "config.json")
@@ -50,11 +41,26 @@ def n_layers_of(spec: ModelSpec, results: str | Path = DEFAULT_RESULTS) -> int:
             pass
     for path in candidates:
         if path.is_file():
-            cfg = json.loads(path.read_text())
-            text = cfg.get("text_config", cfg)
-            for key in ("num_hidden_layers", "n_layer", "num_layers"):
-                if key in text:
-                    return int(text[key])
+            return json.loads(path.read_text())
+    return None
+
+
+def n_layers_of(spec: ModelSpec, results: str | Path = DEFAULT_RESULTS) -> int:
+    """Layer count without loading the model: config, an existing snapshot manifest, or a local config.json."""
+    manifest = Path(results) / "models" / spec.name / "model.json"
+    snapshot_layers = int(json.loads(manifest.read_text())["n_layers"]) if manifest.is_file() else None
+    if spec.n_layers is not None:
+        if snapshot_layers is not None and snapshot_layers != spec.n_layers:
+            raise ConfigError(f"models.{spec.name}.n_layers is {spec.n_layers} but the snapshot {manifest} has "
+                              f"{snapshot_layers} layers: fix n_layers, or delete the snapshot if the model changed")
+        return int(spec.n_layers)
+    if snapshot_layers is not None:
+        return snapshot_layers
+    cfg = checkpoint_config(spec)
+    text = (cfg or {}).get("text_config", cfg or {})
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if key in text:
+            return int(text[key])
     raise ConfigError(
         f"models.{spec.name}: cannot tell its layer count before it is downloaded; set models.{spec.name}.n_layers"
     )
@@ -198,21 +204,9 @@ def model_type_of(config: dict[str, Any], name: str) -> str:
         return json.loads(manifest.read_text())["model_type"]
     if (config["models"][name] or {}).get("model_type"):
         return config["models"][name]["model_type"]
-    candidates = []
-    if spec.source == "local":
-        candidates.append(Path(spec.path).expanduser() / "config.json")
-    if spec.source == "hub":
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            cached = try_to_load_from_cache(spec.id, "config.json", revision=spec.revision)
-            if isinstance(cached, str):
-                candidates.append(Path(cached))
-        except Exception:  # noqa: BLE001 - the cache is only a shortcut
-            pass
-    for path in candidates:
-        if path.is_file() and json.loads(path.read_text()).get("model_type"):
-            return json.loads(path.read_text())["model_type"]
+    cfg = checkpoint_config(spec)
+    if cfg is not None and cfg.get("model_type"):
+        return cfg["model_type"]
     raise ConfigError(f"models.{name}.statistics: the statistics files are named after the model's modules, but its "
                       f"model_type is not known before the download; set models.{name}.model_type (e.g. llama, gpt2)")
 
