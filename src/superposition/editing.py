@@ -70,7 +70,7 @@ def control_update(delta: np.ndarray, key: np.ndarray, protected_whitened: np.nd
     ``u^T k_j = 0`` for every protected key, ``u = C^-1 A (A^T C^-1 A)^-1 e_1`` with ``A = [k_e, k_j...]``.
 
     In whitened coordinates (``z = L^T u``, ``B = L^-1 A``) this is the minimum-norm solution of ``B^T z = e_1``,
-    ``z = B (B^T B)^-1 e_1``, computed from the SVD of B as a pseudo-inverse (lstsq): singular values below
+    ``z = B (B^T B)^-1 e_1``, computed from the SVD of B (via its QR) as a pseudo-inverse (lstsq): singular values below
     ``rcond`` times the largest are dropped, so duplicate protected keys (the same subject prefix gives the same key)
     are met exactly, and an edit whose own key is a combination of the protected keys, which no update can change
     alone, gets the least-squares compromise ``u^T k_e < 1``. Returns the update and ``u^T k_e`` (1 when feasible).
@@ -78,9 +78,10 @@ def control_update(delta: np.ndarray, key: np.ndarray, protected_whitened: np.nd
     """
     key = np.asarray(key, dtype=np.float64)
     B = np.column_stack([whiten(key, cholesky), np.asarray(protected_whitened, dtype=np.float64)])
-    U, s, Vt = np.linalg.svd(B, full_matrices=False)
+    Q, R = np.linalg.qr(B)  # B = Q R, then the SVD of the small (m, m) R: B = (Q U) S V^T
+    U, s, Vt = np.linalg.svd(R)
     keep = s > rcond * s[0]
-    z = U[:, keep] @ (Vt[keep, 0] / s[keep])
+    z = Q @ (U[:, keep] @ (Vt[keep, 0] / s[keep]))
     u = scipy.linalg.solve_triangular(cholesky, z, lower=True, trans="T")
     return np.outer(np.asarray(delta, dtype=np.float64), u), float(u @ key)
 
