@@ -1,5 +1,6 @@
-"""Lifelong editing: the closed-form update's interference equals what P predicts, null-space edits spare the
-preserved keys, a real edit on the offline model works, and bad edit plans fail clearly."""
+"""Lifelong editing: the closed-form update's interference equals what P predicts (algebraically and measured in a
+real forward pass), null-space edits spare the preserved keys, the control leaves the constrained keys exactly
+unchanged, a real edit on the offline model works, and bad edit plans fail clearly."""
 
 from __future__ import annotations
 
@@ -147,7 +148,10 @@ def test_one_edit_on_the_offline_model_makes_target_new_the_argmax(smollm2):
     out = editing.run_sequence(model, tokenizer, module, "closed_form", facts[:1], facts[1:], K, [0], [1, 2], L,
                                editing.pool_p_matrix(K, L), None, cfg)
     assert out.final_success.tolist() == [True], out.steps
-    assert out.steps[-1]["prediction_rel_error"] < 1e-10
+    assert out.steps[-1]["consistency_rel_error"] < 1e-10  # algebra of the float64 master copy
+    # measured in the model's float32 forward at the retained facts' subject tokens
+    assert out.steps[-1]["prediction_rel_error"] < 1e-3, out.steps
+    assert out.steps[-1]["measured_interference_mean"] > 0
     assert out.key_mismatch < 1e-4  # the key at edit time is the pipeline's key
     assert torch.equal(module.weight, W_before)  # the base weights are restored after the run
 
@@ -190,3 +194,158 @@ def test_value_search_reads_the_key_and_edits_the_subject_token(model_type):
     edited = target_nll(result.delta)
     assert abs(edited - result.nll) < 1e-3
     assert edited < target_nll(np.zeros_like(result.delta)) - 0.01
+
+
+def _constrained_setup(seed=4, d=24, m=10, d_out=7):
+    rng = np.random.default_rng(seed)
+    C = _random_spd(rng, d)
+    L = scipy.linalg.cholesky(C, lower=True)
+    keys = rng.standard_normal((m + 1, d))  # row 0 is the edit's key, the rest are protected
+    return rng, C, L, keys, rng.standard_normal(d_out)
+
+
+def test_control_update_leaves_the_constrained_keys_unchanged_and_maps_the_edit_key_to_delta():
+    rng, C, L, keys, delta = _constrained_setup()
+    k_e, protected = keys[0], keys[1:]
+    update, gain = editing.control_update(delta, k_e, editing.whiten(protected.T, L), L)
+    scale = np.linalg.norm(delta)
+    assert np.abs(update @ protected.T).max() < 1e-10 * scale  # zero interference at every constrained key
+    np.testing.assert_allclose(update @ k_e, delta, rtol=1e-10, atol=0)  # u^T k_e = 1
+    assert gain == pytest.approx(1.0, abs=1e-12)
+    # the closed form moves the same keys by p * delta, far from zero
+    assert np.abs(editing.closed_form_update(delta, k_e, L) @ protected.T).max() > 1e-2 * scale
+    # minimum C-norm: adding any direction n that the constraints allow (A^T n = 0) costs C-norm
+    u = update[0] / delta[0]
+    A = keys.T
+    for _ in range(5):
+        r = rng.standard_normal(len(k_e))
+        n = r - A @ np.linalg.lstsq(A, r, rcond=None)[0]  # the part of r orthogonal to every constrained key
+        assert np.abs(A.T @ n).max() < 1e-10 * np.linalg.norm(n)
+        assert (u + n) @ C @ (u + n) > u @ C @ u
+    # no protected keys: the control is the closed form
+    alone, _ = editing.control_update(delta, k_e, np.zeros((len(k_e), 0)), L)
+    np.testing.assert_allclose(alone, editing.closed_form_update(delta, k_e, L), rtol=1e-10, atol=1e-14)
+
+
+def test_control_update_meets_duplicate_keys_and_reports_an_infeasible_edit():
+    rng, C, L, keys, delta = _constrained_setup(seed=5)
+    k_e, protected = keys[0], keys[1:]
+    # two retained facts with the same subject prefix have the same key: consistent constraints, met exactly
+    duplicated = np.vstack([protected, protected[2]])
+    update, gain = editing.control_update(delta, k_e, editing.whiten(duplicated.T, L), L)
+    assert gain == pytest.approx(1.0, abs=1e-10)
+    assert np.abs(update @ duplicated.T).max() < 1e-10 * np.linalg.norm(delta)
+    # the edit's own key among the protected ones: no update changes it alone; least squares splits delta
+    clash = np.vstack([protected, k_e])
+    update, gain = editing.control_update(delta, k_e, editing.whiten(clash.T, L), L)
+    assert gain == pytest.approx(0.5, abs=1e-8)
+    np.testing.assert_allclose(update @ k_e, 0.5 * delta, rtol=1e-8)
+    assert np.abs(update @ protected.T).max() < 1e-8 * np.linalg.norm(delta)
+
+
+def test_relative_null_space_threshold_picks_the_dimension_of_a_known_spectrum():
+    rng = np.random.default_rng(6)
+    spectrum = np.array([10.0, 5.0, 1.0, 3e-2, 5e-3, 1e-4, 1e-6])  # largest 10: 1e-3 x 10 = 1e-2
+    basis = np.linalg.qr(rng.standard_normal((7, 7)))[0]
+    C = basis @ np.diag(spectrum) @ basis.T
+    projector, dim, eigenvalues = editing.null_space_projector(C, 0.02, relative=1e-3)
+    assert dim == 3  # 5e-3, 1e-4, 1e-6
+    assert editing.null_space_cutoff(eigenvalues, 0.02, 1e-3) == pytest.approx(1e-2)
+    np.testing.assert_allclose(projector, basis[:, 4:] @ basis[:, 4:].T, atol=1e-10)
+    # scaling C moves the absolute threshold's dimension, not the relative one's
+    assert editing.null_space_projector(C, 0.02)[1] == 3
+    assert editing.null_space_projector(100 * C, 0.02)[1] == 2
+    assert editing.null_space_projector(100 * C, 0.02, relative=1e-3)[1] == 3  # relative: scale-free
+    assert editing.null_space_projector(C, 0.02, relative=5e-3)[1] == 4  # below 0.05: 3e-2 .. 1e-6
+
+
+TINY_FACTS = [Fact(0, "{} is a native speaker of", "Vladimir Mayakovsky", "Russian", target_new="Spanish"),
+              Fact(1, "The capital of {} is", "France", "Paris", target_new="Seattle"),
+              Fact(2, "{} is located in", "University of Washington", "Seattle"),
+              Fact(3, "The mother tongue of {} is", "Lionel Messi", "Spanish"),
+              Fact(4, "The native speaker of {} was", "Windows", "Microsoft"),
+              Fact(5, "{} was developed by", "Microsoft Windows", "Microsoft")]
+
+
+def _tiny_llama_with_c(layer=1):
+    from conftest import tiny_tokenizer
+
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    keys = _capture_keys(model, layer)
+    C = keys.T @ keys / len(keys)
+    return model, tokenizer, scipy.linalg.cholesky(C, lower=True)
+
+
+def test_hooked_output_change_of_a_real_forward_equals_sum_p_delta():
+    """Edit a tiny Llama's layer (float32 weights, as the model runs) with closed-form updates; the change of the
+    layer's output at each fact's subject token, hooked in the model's own forward, is sum_i p(k_ei, k_j) delta_i."""
+    model, tokenizer, L = _tiny_llama_with_c()
+    layer = 1
+    module = models.key_module(model, layer)
+    before = editing._evaluate(model, tokenizer, layer, [], TINY_FACTS, batch_size=4)
+    K = keys_mod.run_prompts(model, tokenizer, TINY_FACTS, layers=[layer], predictions=False).keys[:, 0]
+    K = K.astype(np.float64)
+    P = editing.pool_p_matrix(K, L)
+    rng = np.random.default_rng(7)
+    W0 = editing.weight_matrix(module)
+    out_norm = np.linalg.norm(before.outputs, axis=1).mean()
+    edit_rows, W, deltas = [0, 1], W0.copy(), []
+    for row in edit_rows:
+        delta = rng.standard_normal(W0.shape[0])
+        delta *= 0.5 * out_norm / np.linalg.norm(delta)
+        W = W + editing.closed_form_update(delta, K[row], L)
+        deltas.append(delta)
+    editing.set_weight_matrix(module, W)
+    after = editing._evaluate(model, tokenizer, layer, [], TINY_FACTS, batch_size=4)
+    measured = (after.outputs - before.outputs).T  # (d_out, n_facts), from the hooked forward
+    predicted = editing.predicted_interference(P[edit_rows], np.array(deltas))
+    assert np.linalg.norm(measured[:, 2:], axis=0).min() > 1e-3 * out_norm  # the retained facts really moved
+    error = editing.relative_error(predicted, measured)
+    assert error < 1e-4, error  # float32 rounding of the weights and the forward
+    # and a wrong prediction (the edits' deltas swapped) is far off
+    assert editing.relative_error(editing.predicted_interference(P[edit_rows], np.array(deltas[::-1])),
+                                  measured) > 0.1
+    # the change travels downstream: the last block's output at the prompt's last token moved
+    assert np.linalg.norm(after.hidden - before.hidden, axis=1).min() > 0
+
+
+def test_the_control_edits_leave_the_retained_facts_unchanged_in_the_model():
+    """All three methods on a tiny Llama: the steps report the measured (hooked) interference; the control's is at
+    float32 rounding where the closed form's is not, and the closed form's measurement agrees with sum p delta."""
+    model, tokenizer, L = _tiny_llama_with_c()
+    layer = 1
+    module = models.key_module(model, layer)
+    K = keys_mod.run_prompts(model, tokenizer, TINY_FACTS, layers=[layer], predictions=False).keys[:, 0]
+    K = K.astype(np.float64)
+    defaults = rule_settings({}, "lifelong_edit")
+    cfg = editing.EditConfig.from_config({**defaults["editing"], "batch_size": 4, "n_edits": 2, "eval_every": 1,
+                                          "value_steps": 5, "control_protects_edits": True})
+    W_before = module.weight.detach().clone()
+    P = editing.pool_p_matrix(K, L)
+    runs = {m: editing.run_sequence(model, tokenizer, module, m, TINY_FACTS[:2], TINY_FACTS[2:], K, [0, 1],
+                                    [2, 3, 4, 5], L, P, None, cfg, log=lambda s: None)
+            for m in ("closed_form", "control")}
+    assert torch.equal(module.weight, W_before)
+    cf, control = runs["closed_form"].steps[-1], runs["control"].steps[-1]
+    assert set(cf) == {"n_edits", *editing.step_fields("closed_form")}
+    assert set(control) == {"n_edits", *editing.step_fields("control")}
+    assert cf["prediction_rel_error"] < 1e-3 and cf["consistency_rel_error"] < 1e-10
+    assert cf["measured_interference_mean"] > 0
+    assert control["measured_interference_max"] < 1e-3 * cf["measured_interference_mean"]
+    assert control["consistency_interference_max"] < 1e-10 * cf["consistency_interference_mean"]
+    assert control["key_gain_min"] == pytest.approx(1.0, abs=1e-9)
+    # protected earlier edit: the second control edit leaves the first edit's key unchanged (float64 algebra)
+    dv = runs["control"].consistency_dv
+    np.testing.assert_allclose(dv[:, 0], runs["control"].deltas[0], rtol=1e-8)
+    with pytest.raises(editing.EditingError, match="null_space method needs the null-space projector"):
+        editing.run_sequence(model, tokenizer, module, "null_space", TINY_FACTS[:1], TINY_FACTS[2:], K, [0],
+                             [2, 3], L, P, None, cfg)
+
+
+def test_methods_setting_is_checked():
+    defaults = rule_settings({}, "lifelong_edit")
+    base = {**defaults["editing"], "batch_size": 4}
+    assert editing.EditConfig.from_config(base).methods == ["closed_form", "null_space", "control"]
+    for bad in ([], ["closed_form", "closed_form"], ["rome"]):
+        with pytest.raises(editing.EditingError, match="editing.methods"):
+            editing.EditConfig.from_config({**base, "methods": bad})

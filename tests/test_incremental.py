@@ -115,6 +115,9 @@ CONFIG_CHANGES = {
     "editing.clamp_norm_factor": ({"editing.clamp_norm_factor": 3.0}, EDITING),
     "editing.early_stop_nll": ({"editing.early_stop_nll": 0.1}, EDITING),
     "editing.null_space_threshold": ({"editing.null_space_threshold": 1.0e5}, EDITING),
+    "editing.null_space_relative": ({"editing.null_space_relative": 1.0e-3}, EDITING),
+    "editing.methods": ({"editing.methods": ["closed_form", "control"]}, EDITING),
+    "editing.control_protects_edits": ({"editing.control_protects_edits": True}, EDITING),
 }
 
 # module -> rules whose jobs rerun after a code change in it (by hand, from what each job module imports)

@@ -162,3 +162,47 @@ def test_prompt_keys_are_the_subject_tokens_mlp_keys_in_tiny_models(model_type):
             want = expected_key(model, layer, seen["x"]).reshape(len(ids), -1)[right.token_index[i]].numpy()
             np.testing.assert_allclose(right.keys[i, j], want, rtol=1e-4, atol=1e-5)
             np.testing.assert_allclose(left.keys[i, j], want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "opt", "gpt2"])  # nn.Linear, OPT's flattened tokens, Conv1D
+def test_module_outputs_and_final_hidden_come_from_the_same_forward(model_type):
+    """The down projection's output at the key's token and the last block's output at the prompt's last token,
+    captured in the batched, left-padded prediction pass, equal those of each prompt run alone; asking for them
+    changes neither keys nor predictions; and for Llama the final norm and LM head applied to the captured hidden
+    state give the run's own target probability."""
+    import torch
+
+    from conftest import tiny_model, tiny_tokenizer
+    from superposition.models import blocks, key_module
+
+    model, tokenizer = tiny_model(model_type), tiny_tokenizer()
+    facts = [FACTS[0], FACTS[2], FACTS[5], FACTS[7]]
+    layer = 1
+    plain = keys.run_prompts(model, tokenizer, facts, layers=[layer], predictions=True, batch_size=4)
+    run = keys.run_prompts(model, tokenizer, facts, layers=[layer], predictions=True, batch_size=4,
+                           module_outputs=True, final_hidden=True)
+    assert plain.outputs is None and plain.final_hidden is None
+    np.testing.assert_array_equal(run.keys, plain.keys)
+    assert (run.predicted, run.target_prob) == (plain.predicted, plain.target_prob)
+    assert run.outputs.shape[:2] == (4, 1) and run.final_hidden.shape == (4, model.config.hidden_size)
+    module, last_block = key_module(model, layer), blocks(model)[-1]
+    for i, f in enumerate(facts):
+        ids = tokenizer(f.text)["input_ids"]
+        seen = {}
+        handles = [module.register_forward_hook(lambda m, a, o: seen.__setitem__("out", o)),
+                   last_block.register_forward_hook(
+                       lambda m, a, o: seen.__setitem__("h", o[0] if isinstance(o, tuple) else o))]
+        with torch.no_grad():
+            model(input_ids=torch.as_tensor([ids]))
+        for handle in handles:
+            handle.remove()
+        want_out = seen["out"].reshape(len(ids), -1)[run.token_index[i]].numpy()
+        np.testing.assert_allclose(run.outputs[i, 0], want_out, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(run.final_hidden[i], seen["h"].reshape(len(ids), -1)[-1].numpy(),
+                                   rtol=1e-4, atol=1e-5)
+        assert np.linalg.norm(want_out) > 0
+    if model_type == "llama":
+        with torch.no_grad():
+            logits = model.lm_head(model.model.norm(torch.as_tensor(run.final_hidden))).double()
+        prob = torch.softmax(logits, -1)[torch.arange(4), torch.as_tensor(run.target)].numpy()
+        np.testing.assert_allclose(prob, run.target_prob, rtol=1e-4)

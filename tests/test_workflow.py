@@ -98,31 +98,53 @@ def test_tiny_workflow_outputs_and_provenance(tiny_run):
 
 
 def test_lifelong_editing_outputs(tiny_run):
+    from superposition import editing
     from superposition.provenance import read_table
 
     tmp, _ = tiny_run
     res = tmp / "results/editing/tiny"
     steps = read_table(res / "layer-1.steps.tsv")
     assert [int(r["n_edits"]) for r in steps] == [0, 1, 2]
-    # the change of the layer's output on every key is what P predicts, to float64 round-off
-    assert all(float(r["closed_form_prediction_rel_error"]) < 1e-8 for r in steps)
-    assert float(steps[0]["closed_form_interference_max"]) == 0.0
-    assert all(float(r[f"{m}_interference_mean"]) > 0 for r in steps[1:] for m in ("closed_form", "null_space"))
+    # every configured method's columns (the default: all three), nothing else
+    assert list(steps[0]) == ["step", "n_edits"] + [f"{m}_{k}" for m in editing.METHODS for k in editing.step_fields(m)]
+    # measured in the edited model's forward: the layer's output change at the retained facts' subject tokens is
+    # what P predicts, up to float32 rounding; the algebraic consistency check is float64 round-off
+    assert all(float(r["closed_form_prediction_rel_error"]) < 1e-3 for r in steps)
+    assert all(float(r["closed_form_consistency_rel_error"]) < 1e-8 for r in steps)
+    assert float(steps[0]["closed_form_measured_interference_max"]) == 0.0
+    assert float(steps[0]["closed_form_consistency_interference_max"]) == 0.0
+    for r in steps[1:]:
+        assert all(float(r[f"{m}_measured_interference_mean"]) > 0 for m in ("closed_form", "null_space"))
+        assert float(r["closed_form_last_hidden_change_mean"]) > 0  # the change reaches the last layer
+        # the control leaves the retained facts' keys unchanged: float32 noise against the closed form's change
+        assert float(r["control_measured_interference_max"]) < 1e-3 * float(r["closed_form_measured_interference_mean"])
+        assert float(r["control_consistency_interference_max"]) < 1e-10 * float(
+            r["closed_form_consistency_interference_mean"])
+        assert float(r["control_key_gain_min"]) == pytest.approx(1.0, abs=1e-9)
     facts = read_table(res / "layer-1.facts.tsv")
     # retention is measured on the other selected facts (m = 4)
     assert [r["role"] for r in facts] == ["edited", "edited", "retained", "retained"]
     assert [int(r["case_id"]) for r in facts] == [4, 0, 1, 2]  # the selection's order
     assert all(r["target_new"] and r["target_new"] != r["target_true"] for r in facts[:2])
+    assert all(r[f"{m}_success"] in ("0", "1") for r in facts[:2] for m in editing.METHODS)
+    assert all(float(r["control_measured_interference"]) < 1e-3 * float(r["closed_form_measured_interference"])
+               for r in facts[2:])
     with h5py.File(res / "layer-1.h5") as f:
         assert f.attrs["model"] == "tiny" and f.attrs["layer"] == 1 and f.attrs["null_space_dim"] == 48
-        assert f["closed_form/deltas"].shape == (2, 32) and f["closed_form/measured_dv"].dtype == np.float64
-        rel = np.linalg.norm(f["closed_form/predicted_dv"][()] - f["closed_form/measured_dv"][()]) \
-            / np.linalg.norm(f["closed_form/measured_dv"][()])
+        assert f.attrs["null_space_cutoff"] == 1.0e6
+        assert f["closed_form/deltas"].shape == (2, 32) and f["closed_form/consistency_dv"].dtype == np.float64
+        rows = f["retained_rows"][()]
+        assert f["closed_form/measured_dv"].shape == (32, 2) and list(rows) == [2, 3]
+        predicted = f["closed_form/predicted_dv"][()]
+        rel = np.linalg.norm(predicted - f["closed_form/consistency_dv"][()]) / np.linalg.norm(predicted)
         assert rel < 1e-8
-        # the saved weight change of the edited layer reproduces the measured output change on every key
+        measured = f["closed_form/measured_dv"][()]  # hooked, float32 forward
+        assert np.linalg.norm(predicted[:, rows] - measured) / np.linalg.norm(measured) < 1e-3
+        np.testing.assert_allclose(f["control/key_gain"][()], 1.0, atol=1e-9)
+        # the saved weight change of the edited layer reproduces the algebraic output change on every key
         keys = h5py.File(tmp / "results/keys/tiny.h5")["keys"][:, 1, :].astype(np.float64)
-        for method in ("closed_form", "null_space"):
-            np.testing.assert_allclose(f[method]["weight_change"][()] @ keys.T, f[method]["measured_dv"][()],
+        for method in editing.METHODS:
+            np.testing.assert_allclose(f[method]["weight_change"][()] @ keys.T, f[method]["consistency_dv"][()],
                                        rtol=1e-10, atol=1e-12)
     # the figure's statistics are a table too, computed from the per-fact table
     (row,) = read_table(res / "layer-1.separation.tsv")
@@ -132,6 +154,50 @@ def test_lifelong_editing_outputs(tiny_run):
     assert int(row["n_forgotten"]) == sum(r["closed_form_forgotten"] == "1" for r in retained)
     assert float(row["max_interference"]) == pytest.approx(
         max(float(r["closed_form_relative_interference"]) for r in retained), rel=1e-6)
+
+
+def test_lifelong_editing_runs_the_configured_methods_only(tiny_run, tmp_path):
+    """The job with editing.methods [control, null_space] and a relative null-space threshold, on the tiny run's
+    inputs: only those methods' columns and groups, the null space of the stated dimension, and a figure job that
+    copes without the closed form."""
+    from superposition import settings, stats as stats_mod
+    from superposition.jobs import facts_source
+    from superposition.jobs.editing import lifelong_edit
+    from superposition.jobs.figures import figure_editing
+    from superposition.provenance import read_table
+
+    tmp, cfg_path = tiny_run
+    config = yaml.safe_load(Path(cfg_path).read_text())
+    config["editing"].update({"methods": ["control", "null_space"], "null_space_relative": 0.5,
+                              "control_protects_edits": True})
+    cfg = settings.rule_settings(config, "lifelong_edit")
+    r = tmp / "results"
+    out = {k: str(tmp_path / f"layer-1.{k}") for k in ("steps.tsv", "facts.tsv", "h5")}
+    lifelong_edit(str(r / "models/tiny/model.json"), str(r / "keys/tiny.h5"), str(r / "whitening/tiny/layer-1.h5"),
+                  str(r / "covariance/tiny/layer-1.h5"), str(r / "facts/selection.json"), facts_source(cfg),
+                  cfg["stats"], cfg["editing"], 1, out["steps.tsv"], out["facts.tsv"], out["h5"])
+    steps = read_table(out["steps.tsv"])
+    assert not any("closed_form" in c for c in steps[0]) and "control_key_gain_min" in steps[0]
+    assert [c.split("_")[0] for c in steps[0] if c not in ("step", "n_edits")] == ["control"] * 11 + ["null"] * 10
+    facts = read_table(out["facts.tsv"])
+    assert not any("closed_form" in c for c in facts[0]) and "null_space_measured_interference" in facts[0]
+    C, _ = stats_mod.read_covariance(r / "covariance/tiny/layer-1.h5", model="tiny", layer=1, d_m=48)
+    eigenvalues = np.linalg.eigvalsh(C)  # the tiny run's ridge is 0
+    with h5py.File(out["h5"]) as f:
+        assert sorted(f) == ["control", "edit_rows", "null_space", "pool_case_ids", "retained_rows"]
+        assert f.attrs["null_space_dim"] == int((eigenvalues < 0.5 * eigenvalues.max()).sum())
+        assert 0 < f.attrs["null_space_dim"] < 48
+        assert f.attrs["null_space_cutoff"] == pytest.approx(0.5 * eigenvalues.max(), rel=1e-9)
+        # the protected first edit's key keeps its delta through the second control edit (float64 algebra)
+        row = int(f["edit_rows"][0])
+        np.testing.assert_allclose(f["control/consistency_dv"][:, row], f["control/deltas"][0], rtol=1e-8)
+    figures = {k: str(tmp_path / f"fig.{k}") for k in ("curves.png", "curves.pdf", "scatter.png", "scatter.pdf")}
+    figure_editing(str(r / "models/tiny/model.json"), out["steps.tsv"], out["facts.tsv"], 1, {}, figures["curves.png"],
+                   figures["curves.pdf"], figures["scatter.png"], figures["scatter.pdf"],
+                   str(tmp_path / "separation.tsv"), 100)
+    assert all(Path(p).stat().st_size > 0 for p in figures.values())
+    (row,) = read_table(tmp_path / "separation.tsv")
+    assert row["method"] == "none" and int(row["n_retained"]) == 2 and row["auc_forgotten_vs_kept"] in ("", "nan")
 
 
 def test_rome_export_matches_the_covariance_and_its_manifest_verifies(tiny_run):

@@ -7,10 +7,16 @@ A closed-form edit (ROME/MEMIT, the paper's eq. 3-5) of fact e at a layer whose 
 
 so any other key k_j's output moves by ``p(k_e, k_j) * delta_e`` with ``p = G_ej / G_ee`` (``G = K C^-1 K^T``).
 After n sequential edits every key has received ``sum_i p(k_{e_i}, k_j) delta_i``. This module applies such a
-sequence to a real model, checks that the measured change ``(W_n - W_0) K`` equals that prediction, and runs the
-same sequence with an AlphaEdit-style update restricted to the approximate null space of C for comparison.
+sequence to a real model and, at every evaluation, *measures* the change of the layer's output at each retained
+fact's subject token in the edited model's own forward pass (hooked, float32 as the model runs, minus the unedited
+model's output) against that prediction. The algebraic change ``(W_n - W_0) K`` of the float64 master copy equals
+the prediction by construction and is reported as a ``consistency_*`` check only.
 
-Pure functions over arrays (the update, the prediction, the projector) are separate from the model loop so tests
+Three methods run the same edits (``METHODS``): the closed form; an AlphaEdit-style update restricted to the
+approximate null space of C; and an interference-free control, the minimum-C-norm rank-one update that maps k_e to
+delta_e and leaves every retained fact's key (optionally also every earlier edit's key) exactly unchanged.
+
+Pure functions over arrays (the updates, the prediction, the projector) are separate from the model loop so tests
 check the algebra without a model. Weights are kept as a float64 master copy; the model holds them in its dtype.
 """
 
@@ -28,9 +34,15 @@ import scipy.linalg
 from .facts import Fact, FactError
 from .keys import run_prompts, subject_last_index, target_first_token
 from .matrices import gram_whitened, p_matrix
-from .models import batch_tokens
+from .models import batch_tokens, blocks, key_module
 
-METHODS = ("closed_form", "null_space")
+METHODS = ("closed_form", "null_space", "control")
+
+# The control drops whitened directions whose singular value is below this fraction of the largest: keys are float32
+# activations, so two keys that differ only at float32 resolution are one key to the model (see control_update).
+CONTROL_RCOND = 1e-6
+# |u^T k_e - 1| above this means the edit's key is (numerically) a combination of the protected keys
+CONTROL_GAIN_TOLERANCE = 1e-6
 
 
 class EditingError(ValueError):
@@ -47,10 +59,45 @@ def closed_form_update(delta: np.ndarray, key: np.ndarray, cholesky: np.ndarray)
     return np.outer(np.asarray(delta, dtype=np.float64), c_inv_k) / float(key @ c_inv_k)
 
 
-def null_space_projector(C: np.ndarray, threshold: float) -> tuple[np.ndarray, int, np.ndarray]:
-    """AlphaEdit's projector ``U U^T`` onto the eigenvectors of C whose eigenvalue is below ``threshold``."""
+def whiten(keys: np.ndarray, cholesky: np.ndarray) -> np.ndarray:
+    """``L^-1 k`` for a key ``(d_m,)`` or for keys as columns ``(d_m, n)``, with ``C = L L^T``."""
+    return scipy.linalg.solve_triangular(cholesky, np.asarray(keys, dtype=np.float64), lower=True)
+
+
+def control_update(delta: np.ndarray, key: np.ndarray, protected_whitened: np.ndarray, cholesky: np.ndarray,
+                   rcond: float = CONTROL_RCOND) -> tuple[np.ndarray, float]:
+    """The interference-free control: ``delta u^T`` with the minimum-C-norm ``u`` such that ``u^T k_e = 1`` and
+    ``u^T k_j = 0`` for every protected key, ``u = C^-1 A (A^T C^-1 A)^-1 e_1`` with ``A = [k_e, k_j...]``.
+
+    In whitened coordinates (``z = L^T u``, ``B = L^-1 A``) this is the minimum-norm solution of ``B^T z = e_1``,
+    ``z = B (B^T B)^-1 e_1``, computed from the SVD of B (via its QR) as a pseudo-inverse (lstsq): singular values below
+    ``rcond`` times the largest are dropped, so duplicate protected keys (the same subject prefix gives the same key)
+    are met exactly, and an edit whose own key is a combination of the protected keys, which no update can change
+    alone, gets the least-squares compromise ``u^T k_e < 1``. Returns the update and ``u^T k_e`` (1 when feasible).
+    ``protected_whitened`` is ``L^-1 K_protected^T`` ``(d_m, m)``, m may be 0 (then this is the closed form).
+    """
+    key = np.asarray(key, dtype=np.float64)
+    B = np.column_stack([whiten(key, cholesky), np.asarray(protected_whitened, dtype=np.float64)])
+    Q, R = np.linalg.qr(B)  # B = Q R, then the SVD of the small (m, m) R: B = (Q U) S V^T
+    U, s, Vt = np.linalg.svd(R)
+    keep = s > rcond * s[0]
+    z = Q @ (U[:, keep] @ (Vt[keep, 0] / s[keep]))
+    u = scipy.linalg.solve_triangular(cholesky, z, lower=True, trans="T")
+    return np.outer(np.asarray(delta, dtype=np.float64), u), float(u @ key)
+
+
+def null_space_cutoff(eigenvalues: np.ndarray, threshold: float, relative: float | None = None) -> float:
+    """The eigenvalue below which a direction of C counts as null space: ``relative`` times C's largest
+    eigenvalue when given (scale-free, comparable across models), else the absolute ``threshold``."""
+    return float(relative * np.max(eigenvalues)) if relative is not None else float(threshold)
+
+
+def null_space_projector(C: np.ndarray, threshold: float, *,
+                         relative: float | None = None) -> tuple[np.ndarray, int, np.ndarray]:
+    """AlphaEdit's projector ``U U^T`` onto the eigenvectors of C whose eigenvalue is below ``threshold`` (or below
+    ``relative`` times the largest eigenvalue); also returns the null space's dimension and C's eigenvalues."""
     eigenvalues, eigenvectors = scipy.linalg.eigh(np.asarray(C, dtype=np.float64))
-    small = eigenvalues < threshold
+    small = eigenvalues < null_space_cutoff(eigenvalues, threshold, relative)
     U = eigenvectors[:, small]
     return U @ U.T, int(small.sum()), eigenvalues
 
@@ -211,6 +258,9 @@ class EditConfig:
     clamp_norm_factor: float
     early_stop_nll: float
     null_space_threshold: float
+    null_space_relative: float | None
+    methods: list[str]
+    control_protects_edits: bool
     retained: str
     save_weights: bool
     batch_size: int
@@ -222,7 +272,25 @@ class EditConfig:
         if missing:
             raise EditingError(f"editing settings lack {missing}: pass the rule's settings "
                                f"(superposition.settings.rule_settings(config, 'lifelong_edit'))")
-        return cls(**{k: cfg[k] for k in names})
+        out = cls(**{k: cfg[k] for k in names})
+        out.methods = list(out.methods)
+        unknown = [m for m in out.methods if m not in METHODS]
+        if unknown or not out.methods or len(set(out.methods)) != len(out.methods):
+            raise EditingError(f"editing.methods is {out.methods}: list one or more of {list(METHODS)}, each once")
+        return out
+
+
+# Columns of one evaluation (run_sequence's step rows) per method. Measured from the model's own forward:
+# edit_success .. measured_relative_interference_mean; algebra of the float64 master copy: consistency_*.
+STEP_FIELDS = ("edit_success", "retention", "target_true_prob", "logp_drop_mean", "last_hidden_change_mean",
+               "measured_interference_mean", "measured_interference_max", "measured_relative_interference_mean",
+               "consistency_interference_mean", "consistency_interference_max")
+METHOD_STEP_FIELDS = {"closed_form": ("prediction_rel_error", "consistency_rel_error"), "null_space": (),
+                      "control": ("key_gain_min",)}
+
+
+def step_fields(method: str) -> tuple[str, ...]:
+    return STEP_FIELDS + METHOD_STEP_FIELDS[method]
 
 
 @dataclass
@@ -234,9 +302,14 @@ class MethodRun:
     value_nll: list[float] = field(default_factory=list)
     edit_seconds: list[float] = field(default_factory=list)
     eval_seconds: list[float] = field(default_factory=list)
-    final_dv: np.ndarray | None = None  # (d_out, n_pool) measured (W_n - W_0) K
-    final_predicted: np.ndarray | None = None  # closed form only
+    key_gain: list[float] = field(default_factory=list)  # control: u^T k_e per edit (1 unless infeasible)
+    consistency_dv: np.ndarray | None = None  # (d_out, n_pool) algebraic (W_n - W_0) K, float64 master copy
+    final_predicted: np.ndarray | None = None  # (d_out, n_pool) sum_i p delta_i, closed form only
+    final_measured: np.ndarray | None = None  # (d_out, n_retained) hooked output change at the subject token
+    final_hidden_change: np.ndarray | None = None  # (n_retained,) ||h_n - h_0|| / ||h_0||, last block, last token
     base_logp: np.ndarray | None = None  # log p(target_true) of every retained fact before any edit
+    base_outputs: np.ndarray | None = None  # (n_retained, d_out) the unedited layer's output at the subject token
+    base_hidden: np.ndarray | None = None  # (n_retained, d_model) the unedited last block's output at the last token
     final_logp: np.ndarray | None = None  # log p(target_true) of every retained fact after all edits
     final_known: np.ndarray | None = None
     final_success: np.ndarray | None = None  # target_new is the argmax, per edit, after all edits
@@ -245,16 +318,38 @@ class MethodRun:
     weight_change: np.ndarray | None = None  # W_n - W_0 (d_out, d_m) float64 after the whole sequence
 
 
-def _evaluate(model, tokenizer, edited: Sequence[Fact], retained: Sequence[Fact], batch_size: int):
-    """Edit success (target_new is the argmax) of every edit so far; retention and log p of the retained facts."""
+@dataclass
+class Evaluation:
+    success: np.ndarray  # (n_edits so far,) target_new is the argmax
+    known: np.ndarray  # (n_retained,) target_true is the argmax
+    logp: np.ndarray  # (n_retained,) log p(target_true)
+    outputs: np.ndarray  # (n_retained, d_out) float64 of the float32 output of the edited layer at the subject token
+    hidden: np.ndarray  # (n_retained, d_model) the last block's output at the prompt's last token
+
+
+def layer_of(model, module) -> int:
+    """The layer whose down projection ``module`` is."""
+    for layer in range(len(blocks(model))):
+        if key_module(model, layer) is module:
+            return layer
+    raise EditingError(f"{type(module).__name__} is not the down projection of any layer of this model")
+
+
+def _evaluate(model, tokenizer, layer: int, edited: Sequence[Fact], retained: Sequence[Fact],
+              batch_size: int) -> Evaluation:
+    """Edit success (target_new is the argmax) of every edit so far; retention and log p of the retained facts,
+    and, from the same forward pass, the edited layer's output at their subject token and the last block's output
+    at their last token."""
     success = np.zeros(0, dtype=bool)
     if edited:
         run = run_prompts(model, tokenizer, edited, layers=[], predictions=True, batch_size=batch_size)
         success = np.asarray(run.predicted) == np.asarray(run.target)
-    run = run_prompts(model, tokenizer, retained, layers=[], predictions=True, batch_size=batch_size)
+    run = run_prompts(model, tokenizer, retained, layers=[layer], predictions=True, batch_size=batch_size,
+                      module_outputs=True, final_hidden=True)
     known = np.asarray(run.predicted) == np.asarray(run.target)
     logp = np.log(np.maximum(np.asarray(run.target_prob, dtype=np.float64), 1e-300))
-    return success, known, logp
+    return Evaluation(success, known, logp, run.outputs[:, 0].astype(np.float64),
+                      run.final_hidden.astype(np.float64))
 
 
 def run_sequence(model, tokenizer, module, method: str, edit_facts: Sequence[Fact], retained: Sequence[Fact],
@@ -264,10 +359,16 @@ def run_sequence(model, tokenizer, module, method: str, edit_facts: Sequence[Fac
     """Apply ``edit_facts`` (each with ``target_new`` set) one after another and measure every ``eval_every``."""
     if method not in METHODS:
         raise EditingError(f"unknown editing method {method!r}; use one of {METHODS}")
+    if method == "null_space" and projector is None:
+        raise EditingError("the null_space method needs the null-space projector of C")
+    layer = layer_of(model, module)
+    retained_rows = list(retained_rows)
     W0 = weight_matrix(module)
     W = W0.copy()
     d_m = K_pool.shape[1]
     edited_moment = np.zeros((d_m, d_m))
+    if method == "control":  # the whitened keys the control leaves unchanged: the retained facts' (+ earlier edits')
+        protected = [whiten(K_pool[retained_rows].T, cholesky)]
     out = MethodRun(method)
     out.base_out_norm = np.linalg.norm(W0 @ K_pool.T, axis=0)
     targets = [dataclasses.replace(f, target_true=f.target_new) for f in edit_facts]
@@ -284,9 +385,18 @@ def run_sequence(model, tokenizer, module, method: str, edit_facts: Sequence[Fac
                                        float(np.linalg.norm(value.key - key) / np.linalg.norm(key)))
                 if method == "closed_form":
                     update = closed_form_update(value.delta, key, cholesky)
-                else:
+                elif method == "null_space":
                     update = null_space_update(value.delta, key, projector, edited_moment)
                     edited_moment += np.outer(key, key)
+                else:
+                    update, gain = control_update(value.delta, key, np.column_stack(protected), cholesky)
+                    out.key_gain.append(gain)
+                    if abs(gain - 1.0) > CONTROL_GAIN_TOLERANCE:
+                        log(f"control: edit {n} (case_id {fact.case_id}, {fact.subject!r}): its key is a combination "
+                            f"of the protected keys, so no update changes it alone; least squares gives "
+                            f"u^T k_e = {gain:.4f}, the rest of delta lands on those keys")
+                    if cfg.control_protects_edits:
+                        protected.append(whiten(key, cholesky)[:, None])
                 W += update
                 set_weight_matrix(module, W)
                 out.deltas.append(value.delta)
@@ -296,26 +406,47 @@ def run_sequence(model, tokenizer, module, method: str, edit_facts: Sequence[Fac
             if n % cfg.eval_every and n != len(edit_facts):
                 continue
             start = time.perf_counter()
-            success, known, logp = _evaluate(model, tokenizer, targets[:n], retained, cfg.batch_size)
+            ev = _evaluate(model, tokenizer, layer, targets[:n], retained, cfg.batch_size)
+            if n == 0:
+                out.base_logp, out.base_outputs, out.base_hidden = ev.logp, ev.outputs, ev.hidden
+            # measured in the model's own float32 forward: the edited layer's output change at each retained fact's
+            # subject token, and the last block's relative change at its last token
+            measured = (ev.outputs - out.base_outputs).T  # (d_out, n_retained)
+            measured_norm = np.linalg.norm(measured, axis=0)
+            hidden_change = np.linalg.norm(ev.hidden - out.base_hidden, axis=1) / np.linalg.norm(out.base_hidden,
+                                                                                                 axis=1)
             out.eval_seconds.append(time.perf_counter() - start)
-            if out.base_logp is None:
-                out.base_logp = logp
-            dv = (W - W0) @ K_pool.T  # measured change of the layer's output on every key, float64
-            interference = np.linalg.norm(dv[:, retained_rows], axis=0)
-            row = {"n_edits": n, "edit_success": float(success.mean()) if n else math.nan,
-                   "retention": float(known.mean()), "target_true_prob": float(np.exp(logp).mean()),
-                   "logp_drop_mean": float((out.base_logp - logp).mean()),
-                   "interference_mean": float(interference.mean()), "interference_max": float(interference.max())}
+            dv = (W - W0) @ K_pool.T  # algebra: the master copy's change on every key, float64
+            consistency = np.linalg.norm(dv[:, retained_rows], axis=0)
+            row = {"n_edits": n, "edit_success": float(ev.success.mean()) if n else math.nan,
+                   "retention": float(ev.known.mean()), "target_true_prob": float(np.exp(ev.logp).mean()),
+                   "logp_drop_mean": float((out.base_logp - ev.logp).mean()),
+                   "last_hidden_change_mean": float(hidden_change.mean()),
+                   "measured_interference_mean": float(measured_norm.mean()),
+                   "measured_interference_max": float(measured_norm.max()),
+                   "measured_relative_interference_mean":
+                       float((measured_norm / np.linalg.norm(out.base_outputs, axis=1)).mean()),
+                   "consistency_interference_mean": float(consistency.mean()),
+                   "consistency_interference_max": float(consistency.max())}
+            note = ""
             if method == "closed_form":
                 predicted = predicted_interference(P_pool[list(edit_rows[:n])], np.asarray(out.deltas).reshape(n, -1)) \
                     if n else np.zeros_like(dv)
-                row["prediction_rel_error"] = relative_error(predicted, dv) if n else 0.0
+                row["prediction_rel_error"] = relative_error(predicted[:, retained_rows], measured)
+                row["consistency_rel_error"] = relative_error(predicted, dv)
                 out.final_predicted = predicted
+                note = (f"  |measured-pred|/|measured| {row['prediction_rel_error']:.2e}"
+                        f"  (consistency {row['consistency_rel_error']:.1e})")
+            elif method == "control":
+                row["key_gain_min"] = float(min(out.key_gain)) if n else math.nan
             out.steps.append(row)
-            out.final_dv, out.final_logp, out.final_known, out.final_success = dv, logp, known, success
+            out.consistency_dv, out.final_measured, out.final_hidden_change = dv, measured, hidden_change
+            out.final_logp, out.final_known, out.final_success = ev.logp, ev.known, ev.success
             log(f"{method}: {n:4d} edits  success {row['edit_success']:.3f}  retention {row['retention']:.3f}  "
-                f"mean interference {row['interference_mean']:.4g}"
-                + (f"  |pred-meas|/|meas| {row['prediction_rel_error']:.2e}" if method == "closed_form" else ""))
+                f"logp drop {row['logp_drop_mean']:.3g}  measured interference {row['measured_interference_mean']:.4g}"
+                f"  last-layer change {row['last_hidden_change_mean']:.3g}{note}"
+                f"  ({out.eval_seconds[-1]:.2f} s/evaluation"
+                + (f", {np.mean(out.edit_seconds[-cfg.eval_every:]):.2f} s/edit)" if n else ")"))
         out.weight_change = W - W0
     finally:
         set_weight_matrix(module, W0)  # the next method starts from the unedited model

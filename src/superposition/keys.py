@@ -51,6 +51,11 @@ class PromptRun:
     target: list[int]  # first token of target_true
     margin: list[float]  # logit[target] - max other logit
     target_prob: list[float]
+    # with module_outputs=True: the down projection's *output* at the same token as the key, (n_facts, n_layers, d_out)
+    outputs: np.ndarray | None = None
+    # with final_hidden=True: the last block's output (residual stream before the final norm) at the bare prompt's
+    # last token, (n_facts, d_model) float32
+    final_hidden: np.ndarray | None = None
 
 
 def _encode(tokenizer, texts: Sequence[str], prepend_bos: bool = False):
@@ -86,12 +91,16 @@ def run_prompts(
     batch_size: int = 64,
     padding_side: str | None = None,
     prepend_bos: bool = False,
+    module_outputs: bool = False,
+    final_hidden: bool = False,
 ) -> PromptRun:
     """Keys at ``layers`` (all of them if None; none if an empty list) and next-token predictions for ``facts``.
 
     ``context_templates`` (ROME-style, e.g. ``["{}", "The following is true. {}"]``) average each key over the
     prompt placed in every template; predictions always use the bare prompt. ``prepend_bos`` starts every
-    sequence with the tokenizer's BOS token (an error for a tokenizer without one).
+    sequence with the tokenizer's BOS token (an error for a tokenizer without one). ``module_outputs`` also
+    captures the down projections' outputs at the keys' tokens and ``final_hidden`` the last block's output at the
+    prompt's last token, both from the same forward pass.
     """
     import torch
 
@@ -128,8 +137,9 @@ def run_prompts(
     subject_index = [subject_last_index(enc["offset_mapping"][i], rows[i][3], facts[rows[i][0]].case_id)
                      for i in range(len(rows))]
     device = next(model.parameters()).device
-    d_m = None
     captured: dict[int, list] = {layer: [] for layer in layers}
+    captured_out: dict[int, list] = {layer: [] for layer in layers}
+    captured_final: list = []
     current: dict[str, Any] = {}
 
     def make_hook(layer):
@@ -138,7 +148,21 @@ def run_prompts(
             captured[layer].append(x[current["rows"], current["cols"]].float().cpu())
         return hook
 
+    def make_output_hook(layer):
+        def hook(module, args, output):
+            y = batch_tokens(output, current["shape"])
+            captured_out[layer].append(y[current["rows"], current["cols"]].float().cpu())
+        return hook
+
+    def final_hook(module, args, output):
+        h = output[0] if isinstance(output, tuple) else output
+        captured_final.append(h[current["rows"], current["last"]].float().cpu())
+
     handles = [key_module(model, layer).register_forward_pre_hook(make_hook(layer)) for layer in layers]
+    if module_outputs:
+        handles += [key_module(model, layer).register_forward_hook(make_output_hook(layer)) for layer in layers]
+    if final_hidden:
+        handles.append(blocks(model)[-1].register_forward_hook(final_hook))
     last_logits: list = []
     try:
         for begin in range(0, len(rows), batch_size):
@@ -158,6 +182,7 @@ def run_prompts(
             current["shape"] = ids.shape
             current["rows"] = torch.arange(len(seqs), device=device)
             current["cols"] = torch.as_tensor(cols, device=device)
+            current["last"] = torch.as_tensor(last, device=device)
             with torch.inference_mode():
                 if predictions and padding_side == "left":
                     out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
@@ -167,23 +192,25 @@ def run_prompts(
                     out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
                                 position_ids=positions.to(device), use_cache=False)
                     last_logits.append(out.logits[torch.arange(len(seqs)), torch.as_tensor(last)].float().cpu())
-                elif layers:
+                elif layers or final_hidden:
                     model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device),
                                      position_ids=positions.to(device), use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
 
-    keys = None
-    if layers:
-        per_layer = [torch.cat(captured[layer]) for layer in layers]  # each (n_rows, d_m)
-        stacked = torch.stack(per_layer, dim=1).numpy()  # (n_rows, n_layers, d_m)
-        d_m = stacked.shape[-1]
-        stacked = stacked.reshape(len(facts), len(templates), len(layers), d_m)
-        keys = stacked[:, key_templates].mean(axis=1, dtype=np.float64).astype(np.float32) \
+    def per_fact(captured_by_layer):
+        """(n_facts, n_layers, width): the key templates' mean, as for the keys."""
+        per_layer = [torch.cat(captured_by_layer[layer]) for layer in layers]  # each (n_rows, width)
+        stacked = torch.stack(per_layer, dim=1).numpy()  # (n_rows, n_layers, width)
+        stacked = stacked.reshape(len(facts), len(templates), len(layers), stacked.shape[-1])
+        return stacked[:, key_templates].mean(axis=1, dtype=np.float64).astype(np.float32) \
             if len(key_templates) > 1 else stacked[:, key_templates[0]]
 
+    keys = per_fact(captured) if layers else None
+    outputs = per_fact(captured_out) if layers and module_outputs else None
     first_rows = [i for i, r in enumerate(rows) if r[1] == 0]
+    final = torch.cat(captured_final).numpy()[first_rows] if final_hidden else None
     token_index = [subject_index[i] for i in first_rows]
     token_str = [tokenizer.convert_ids_to_tokens(enc["input_ids"][i][subject_index[i]]) for i in first_rows]
     first_position = [subject_index[i] == leading_special_tokens(enc["offset_mapping"][i]) for i in first_rows]
@@ -199,7 +226,7 @@ def run_prompts(
             target.append(tgt)
             margin.append(float(row_logits[tgt] - other.max()))
             prob.append(float(torch.softmax(row_logits.double(), dim=0)[tgt]))
-    return PromptRun(keys, token_index, token_str, first_position, predicted, target, margin, prob)
+    return PromptRun(keys, token_index, token_str, first_position, predicted, target, margin, prob, outputs, final)
 
 
 # ------------------------------------------------------------------------------------------ storage

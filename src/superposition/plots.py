@@ -188,25 +188,40 @@ def kurtosis_vs_size(points: Sequence[tuple[str, str, float, float, float]], png
 
 
 METHOD_STYLE = {"closed_form": ("closed form (ROME/MEMIT)", "tab:red"),
-                "null_space": ("null-space projected (AlphaEdit-style)", "tab:blue")}
+                "null_space": ("null-space projected (AlphaEdit-style)", "tab:blue"),
+                "control": ("interference-free control (min C-norm)", "tab:green")}
 
 
 def editing_curves(n_edits: np.ndarray, series: dict[str, dict[str, np.ndarray]], title: str, png, pdf,
                    dpi: int) -> None:
-    """Edit success and retention of unedited known facts vs the number of sequential edits, per method."""
-    fig, axes = plt.subplots(1, 2, figsize=(7.5, 3.0), sharex=True)
+    """Edit success, retention of unedited known facts and their mean drop of log p(true object) vs the number of
+    sequential edits, one curve per method in ``series`` (any subset of the methods)."""
+    fig, axes = plt.subplots(1, 3, figsize=(11.0, 3.2), sharex=True)
     for method, values in series.items():
         text, color = METHOD_STYLE.get(method, (method, None))
         axes[0].plot(n_edits[1:], values["edit_success"][1:], "o-", ms=3, color=color, label=text)
         axes[1].plot(n_edits, values["retention"], "o-", ms=3, color=color, label=text)
+        axes[2].plot(n_edits, values["logp_drop_mean"], "o-", ms=3, color=color, label=text)
     axes[0].set_ylabel("edit success (target_new is the argmax)")
     axes[1].set_ylabel("retention (unedited facts still known)")
+    axes[2].set_ylabel("mean drop of log p(true object)")
+    for ax in axes[:2]:
+        ax.set_ylim(-0.03, 1.03)
     for ax in axes:
         ax.set_xlabel("number of sequential edits")
-        ax.set_ylim(-0.03, 1.03)
         ax.grid(alpha=0.3)
-    axes[1].legend(loc="lower left")
+    axes[2].axhline(0.0, color="black", lw=0.6)
+    axes[1].legend(loc="lower left", fontsize="small")
     fig.suptitle(f"Lifelong editing: {title}")
+    save(fig, png, pdf, dpi)
+
+
+def no_prediction_figure(message: str, title: str, png, pdf, dpi: int) -> None:
+    """A figure that says why there is nothing to plot (e.g. the configured methods have no prediction)."""
+    fig, ax = plt.subplots(figsize=(5.6, 3.9))
+    ax.axis("off")
+    ax.text(0.5, 0.5, message, ha="center", va="center", wrap=True)
+    ax.set_title(title)
     save(fig, png, pdf, dpi)
 
 

@@ -1,4 +1,5 @@
-"""lifelong_edit: sequential closed-form and null-space edits of one layer, and the interference P predicts."""
+"""lifelong_edit: sequential closed-form, null-space and control edits of one layer, and the interference P predicts,
+measured in the edited model's own forward pass."""
 
 from __future__ import annotations
 
@@ -16,10 +17,6 @@ from .. import models
 from .. import stats as stats_mod
 from .. import whitening as whitening_mod
 from ..provenance import ProvenanceError, atomic_path, environment, read_json, set_attrs, write_table
-
-
-EDIT_STEP_FIELDS = ["edit_success", "retention", "target_true_prob", "logp_drop_mean", "interference_mean",
-                    "interference_max"]
 
 
 def lifelong_edit(model_json: str, keys_path: str, whitening_path: str, covariance_path: str, selection_path: str,
@@ -47,80 +44,98 @@ def lifelong_edit(model_json: str, keys_path: str, whitening_path: str, covarian
     edits, edit_rows, retained_rows = editing.plan_edits(candidates, all_facts, cfg.n_edits, tokenizer)
     retained = [pool_facts[i] for i in retained_rows]
     P_pool = editing.pool_p_matrix(K_pool, w.cholesky)
-    projector, null_dim, eigenvalues = editing.null_space_projector(C + w.ridge * np.eye(d_m), cfg.null_space_threshold)
-    if null_dim == 0:
-        raise editing.EditingError(
-            f"{name} layer {layer}: no eigenvalue of C is below editing.null_space_threshold="
-            f"{cfg.null_space_threshold:g} (smallest {eigenvalues[0]:.3e}): raise the threshold")
-    print(f"{name} layer {layer}: {len(edits)} edits, {len(retained)} retained facts; null space of C below "
-          f"{cfg.null_space_threshold:g}: {null_dim} of {d_m} dimensions")
+    print(f"{name} layer {layer}: {len(edits)} edits, {len(retained)} retained facts; methods {', '.join(cfg.methods)}")
+    projector, null_dim, cutoff = None, None, None
+    if "null_space" in cfg.methods:
+        projector, null_dim, eigenvalues = editing.null_space_projector(
+            C + w.ridge * np.eye(d_m), cfg.null_space_threshold, relative=cfg.null_space_relative)
+        cutoff = editing.null_space_cutoff(eigenvalues, cfg.null_space_threshold, cfg.null_space_relative)
+        setting = (f"editing.null_space_relative={cfg.null_space_relative:g} (x largest {eigenvalues[-1]:.3e})"
+                   if cfg.null_space_relative is not None else f"editing.null_space_threshold={cfg.null_space_threshold:g}")
+        if null_dim == 0:
+            raise editing.EditingError(
+                f"{name} layer {layer}: no eigenvalue of C is below {setting}, i.e. {cutoff:.3e} (smallest "
+                f"{eigenvalues[0]:.3e}): raise it")
+        print(f"{name} layer {layer}: null space of C below {cutoff:.3e} ({setting}): {null_dim} of {d_m} dimensions")
 
     runs = {}
-    for method in editing.METHODS:
+    for method in cfg.methods:
         runs[method] = editing.run_sequence(model, tokenizer, module, method, edits, retained, K_pool, edit_rows,
                                             retained_rows, w.cholesky, P_pool, projector, cfg)
         sys.stdout.flush()
+    first = runs[cfg.methods[0]]
 
-    # steps table: one row per evaluation, the columns of both methods side by side
+    # steps table: one row per evaluation, the configured methods' columns side by side
     rows = []
-    for i, base in enumerate(runs["closed_form"].steps):
+    for i, base in enumerate(first.steps):
         row = {"step": i, "n_edits": base["n_edits"]}
         for method, run in runs.items():
             for key, value in run.steps[i].items():
                 if key != "n_edits":
                     row[f"{method}_{key}"] = value
         rows.append(row)
-    columns = ["step", "n_edits"] + [f"{m}_{k}" for m in editing.METHODS for k in EDIT_STEP_FIELDS] \
-        + ["closed_form_prediction_rel_error"]
+    columns = ["step", "n_edits"] + [f"{m}_{k}" for m in cfg.methods for k in editing.step_fields(m)]
     write_table(out_steps, rows, columns)
 
-    # per-fact table after the whole sequence
-    cf, ns = runs["closed_form"], runs["null_space"]
-    predicted_norm = np.linalg.norm(cf.final_predicted, axis=0)
+    # per-fact table after the whole sequence; the value search's numbers are those of the first method's run
     fact_rows = []
     for order, (fact, row) in enumerate(zip(edits, edit_rows)):
-        fact_rows.append({"case_id": fact.case_id, "role": "edited", "edit_order": order + 1, "subject": fact.subject,
-                          "prompt": fact.text, "target_true": fact.target_true, "target_new": fact.target_new,
-                          "value_steps": cf.value_steps[order], "value_nll": cf.value_nll[order],
-                          "delta_norm": float(np.linalg.norm(cf.deltas[order])),
-                          "closed_form_success": int(cf.final_success[order]),
-                          "null_space_success": int(ns.final_success[order])})
+        out = {"case_id": fact.case_id, "role": "edited", "edit_order": order + 1, "subject": fact.subject,
+               "prompt": fact.text, "target_true": fact.target_true, "target_new": fact.target_new,
+               "value_steps": first.value_steps[order], "value_nll": first.value_nll[order],
+               "delta_norm": float(np.linalg.norm(first.deltas[order]))}
+        out.update({f"{m}_success": int(r.final_success[order]) for m, r in runs.items()})
+        if "control" in runs:
+            out["control_key_gain"] = runs["control"].key_gain[order]
+        fact_rows.append(out)
     for j, row in enumerate(retained_rows):
         fact = pool_facts[row]
-        fact_rows.append({"case_id": fact.case_id, "role": "retained", "subject": fact.subject, "prompt": fact.text,
-                          "target_true": fact.target_true,
-                          "closed_form_predicted_interference": float(predicted_norm[row]),
-                          "closed_form_relative_interference": float(predicted_norm[row] / cf.base_out_norm[row]),
-                          "closed_form_measured_interference": float(np.linalg.norm(cf.final_dv[:, row])),
-                          "closed_form_logp_drop": float(cf.base_logp[j] - cf.final_logp[j]),
-                          "closed_form_forgotten": int(not cf.final_known[j]),
-                          "null_space_measured_interference": float(np.linalg.norm(ns.final_dv[:, row])),
-                          "null_space_logp_drop": float(ns.base_logp[j] - ns.final_logp[j]),
-                          "null_space_forgotten": int(not ns.final_known[j])})
+        out = {"case_id": fact.case_id, "role": "retained", "subject": fact.subject, "prompt": fact.text,
+               "target_true": fact.target_true}
+        if "closed_form" in runs:
+            predicted = float(np.linalg.norm(runs["closed_form"].final_predicted[:, row]))
+            out["closed_form_predicted_interference"] = predicted
+            out["closed_form_relative_interference"] = predicted / float(runs["closed_form"].base_out_norm[row])
+        for m, r in runs.items():
+            out[f"{m}_measured_interference"] = float(np.linalg.norm(r.final_measured[:, j]))
+            out[f"{m}_consistency_interference"] = float(np.linalg.norm(r.consistency_dv[:, row]))
+            out[f"{m}_last_hidden_change"] = float(r.final_hidden_change[j])
+            out[f"{m}_logp_drop"] = float(r.base_logp[j] - r.final_logp[j])
+            out[f"{m}_forgotten"] = int(not r.final_known[j])
+        fact_rows.append(out)
     fact_columns = ["case_id", "role", "edit_order", "subject", "prompt", "target_true", "target_new", "value_steps",
-                    "value_nll", "delta_norm", "closed_form_success", "null_space_success",
-                    "closed_form_predicted_interference", "closed_form_relative_interference",
-                    "closed_form_measured_interference",
-                    "closed_form_logp_drop", "closed_form_forgotten", "null_space_measured_interference",
-                    "null_space_logp_drop", "null_space_forgotten"]
+                    "value_nll", "delta_norm"] + [f"{m}_success" for m in cfg.methods] \
+        + (["control_key_gain"] if "control" in runs else []) \
+        + (["closed_form_predicted_interference", "closed_form_relative_interference"] if "closed_form" in runs else []) \
+        + [f"{m}_{k}" for m in cfg.methods for k in ("measured_interference", "consistency_interference",
+                                                     "last_hidden_change", "logp_drop", "forgotten")]
     write_table(out_facts, fact_rows, fact_columns)
 
     timing = {f"{m}_seconds_per_edit": float(np.mean(r.edit_seconds)) for m, r in runs.items()}
     timing.update({f"{m}_seconds_per_evaluation": float(np.mean(r.eval_seconds)) for m, r in runs.items()})
     record = {**models.provenance_of(manifest), **environment(), "layer": layer, "ridge": w.ridge,
               "corpus_fingerprint": w_attrs["corpus_fingerprint"], "n_tokens": w_attrs["n_tokens"],
-              "facts": selection["facts"], "null_space_dim": null_dim, "editing": dataclasses.asdict(cfg),
+              "facts": selection["facts"], "methods": list(cfg.methods), "editing": dataclasses.asdict(cfg),
               "key_mismatch_max": max(r.key_mismatch for r in runs.values()), **timing}
+    if null_dim is not None:
+        record.update({"null_space_dim": null_dim, "null_space_cutoff": cutoff})
     with atomic_path(out_h5) as tmp:
         with h5py.File(tmp, "w") as f:
             f.create_dataset("pool_case_ids", data=np.asarray(pool, dtype=np.int64))
             f.create_dataset("edit_rows", data=np.asarray(edit_rows, dtype=np.int64))
+            f.create_dataset("retained_rows", data=np.asarray(retained_rows, dtype=np.int64))
             for method, run in runs.items():
                 g = f.create_group(method)
                 g.create_dataset("deltas", data=np.asarray(run.deltas))  # (n_edits, d_out) float64
-                g.create_dataset("measured_dv", data=run.final_dv)  # (d_out, n_pool): (W_n - W_0) K
+                # measured: the edited layer's output change at the retained facts' subject tokens (hooked forward)
+                g.create_dataset("measured_dv", data=run.final_measured)  # (d_out, n_retained)
+                g.create_dataset("last_hidden_change", data=run.final_hidden_change)  # (n_retained,) relative
+                g.create_dataset("consistency_dv", data=run.consistency_dv)  # (d_out, n_pool): (W_n - W_0) K, algebra
+                if method == "closed_form":
+                    g.create_dataset("predicted_dv", data=run.final_predicted)  # (d_out, n_pool): sum_i p delta_i
+                if method == "control":
+                    g.create_dataset("key_gain", data=np.asarray(run.key_gain))  # (n_edits,) u^T k_e
                 if cfg.save_weights:  # the edited layer is W_0 + weight_change (W_0: the snapshot's weights)
                     g.create_dataset("weight_change", data=run.weight_change, compression="gzip")
-            f["closed_form"].create_dataset("predicted_dv", data=cf.final_predicted)
             set_attrs(f, record)
     print(f"{name} layer {layer}: " + ", ".join(f"{k} {v:.2f}" for k, v in timing.items()))

@@ -124,10 +124,22 @@ def figure_editing(model_json: str, steps_tsv: str, facts_tsv: str, layer: int, 
     series = {}
     for method in methods:
         series[method] = {key: np.array([float(r[f"{method}_{key}"]) if r[f"{method}_{key}"] else np.nan
-                                         for r in steps]) for key in ("edit_success", "retention")}
+                                         for r in steps]) for key in ("edit_success", "retention", "logp_drop_mean")}
     plots.editing_curves(n, series, f"{label}, layer {layer}", curves_png, curves_pdf, dpi)
     # the prediction sum_i p(k_ei, k_j) delta_i exists for the closed-form updates only
+    title = f"{label}, layer {layer}, {int(n[-1])} edits"
     retained = [r for r in read_table(facts_tsv) if r["role"] == "retained"]
+    if "closed_form" not in methods:
+        # the columns of the closed-form row, NaN: nothing predicted, so nothing to separate
+        row = {"model": manifest["name"], "layer": layer, "n_edits": int(n[-1]), "method": "none",
+               **interference_separation(np.zeros(0), np.zeros(0), np.zeros(0, dtype=bool)),
+               "n_retained": len(retained)}
+        write_table(separation_tsv, [row], list(row))
+        message = (f"editing.methods is {methods}: without closed_form there is no\n"
+                   f"interference predicted from P to compare with forgetting")
+        print(message.replace("\n", " "))
+        plots.no_prediction_figure(message, title, scatter_png, scatter_pdf, dpi)
+        return
     interference = np.array([float(r["closed_form_relative_interference"]) for r in retained])
     logp_drop = np.array([float(r["closed_form_logp_drop"]) for r in retained])
     forgotten = np.array([r["closed_form_forgotten"] == "1" for r in retained])
@@ -135,5 +147,4 @@ def figure_editing(model_json: str, steps_tsv: str, facts_tsv: str, layer: int, 
     row = {"model": manifest["name"], "layer": layer, "n_edits": int(n[-1]), "method": "closed_form", **separation}
     write_table(separation_tsv, [row], list(row))
     print(", ".join(f"{k} {v}" for k, v in row.items()))
-    plots.interference_scatter(interference, logp_drop, forgotten, separation,
-                               f"{label}, layer {layer}, {int(n[-1])} edits", scatter_png, scatter_pdf, dpi)
+    plots.interference_scatter(interference, logp_drop, forgotten, separation, title, scatter_png, scatter_pdf, dpi)
