@@ -64,6 +64,8 @@ def _kde(path):
     return lambda: summaries.read_kdes(path, model="m"), "P/layer_0"
 
 
+REBUILT_BY = {"covariance": "covariance", "whitening": "whitening", "keys": "keys", "matrices": "matrices",
+              "statistics": "activation_stats", "corpus shard": "corpus_shards", "density curves": "kde"}
 ARTIFACTS = {"covariance": _covariance, "whitening": _whitening, "keys": _keys, "matrices": _matrices,
              "statistics": _stats, "corpus shard": _shard, "density curves": _kde}
 
@@ -87,7 +89,8 @@ def test_a_damaged_dataset_is_an_error_naming_the_file(kind, how, tmp_path):
     read, dataset = ARTIFACTS[kind](path)
     read()  # intact: reads
     _damage_dataset(path, dataset, how)
-    with pytest.raises(ProvenanceError, match=rf"{path} is damaged: reading it failed .*delete it and run snakemake"):
+    with pytest.raises(ProvenanceError, match=rf"{path} is damaged: reading it failed .*delete it and run snakemake "
+                                              rf"again: the {REBUILT_BY[kind]} rule rebuilds it"):
         read()
 
 
@@ -96,7 +99,8 @@ def test_a_truncated_artifact_is_an_error_naming_the_file(kind, tmp_path):
     path = tmp_path / f"{kind.replace(' ', '_')}.h5"
     read, _ = ARTIFACTS[kind](path)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with pytest.raises(ProvenanceError, match=rf"{path} is (corrupt or truncated|damaged)"):
+    with pytest.raises(ProvenanceError, match=rf"{path} is (corrupt or truncated|damaged).*: the {REBUILT_BY[kind]} "
+                                              rf"rule rebuilds it"):
         read()
 
 

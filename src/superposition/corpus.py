@@ -256,7 +256,7 @@ class Shard:
 
 
 def read_shard(path: str | os.PathLike, model: str | Mapping[str, Any] | None = None) -> Shard:
-    with open_h5(path, "corpus shard") as f:
+    with open_h5(path, "corpus shard", "corpus_shards") as f:
         try:
             tokens = f["tokens"][()]
             offsets = f["offsets"][()]

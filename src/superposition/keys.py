@@ -248,7 +248,7 @@ def write_keys(path, keys: np.ndarray, case_ids: Sequence[int], token_index: Seq
 def read_keys(path, *, model: str | Mapping[str, Any], layer: int, d_m: int
               ) -> tuple[np.ndarray, list[int], dict[str, Any]]:
     """Keys of one layer, float64, with their case_ids; checks model and width."""
-    with open_h5(path, "keys") as f:
+    with open_h5(path, "keys", "keys") as f:
         attrs = get_attrs(f)
         check_artifact(attrs, path, "keys file", "keys", model)
         layers = list(f["layers"][()])
@@ -263,6 +263,6 @@ def read_keys(path, *, model: str | Mapping[str, Any], layer: int, d_m: int
 
 def read_first_positions(path, *, model: str | Mapping[str, Any]) -> dict[int, bool]:
     """case_id -> whether the fact's key is the sequence's first token (after special tokens)."""
-    with open_h5(path, "keys") as f:
+    with open_h5(path, "keys", "keys") as f:
         check_artifact(get_attrs(f), path, "keys file", "keys", model)
         return {int(c): bool(flag) for c, flag in zip(f["case_ids"][()], f["first_position"][()])}

@@ -73,7 +73,7 @@ def write_matrices(path, mats: dict[str, np.ndarray], case_ids: Sequence[int], r
 
 
 def read_matrices(path, *, model: str | Mapping[str, Any], layer: int, case_ids: Sequence[int] | None = None):
-    with open_h5(path, "matrices") as f:
+    with open_h5(path, "matrices", "matrices") as f:
         attrs = get_attrs(f)
         check_artifact(attrs, path, "matrices file", "matrices", model, layer=layer)
         stored = [int(c) for c in f["case_ids"][()]]

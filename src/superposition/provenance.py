@@ -178,22 +178,23 @@ def get_attrs(obj: h5py.Group | h5py.Dataset) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def open_h5(path: str | os.PathLike, what: str) -> Iterator[h5py.File]:
+def open_h5(path: str | os.PathLike, what: str, rule: str) -> Iterator[h5py.File]:
     """Open an artifact for reading; a missing, truncated or corrupt file, or a dataset that cannot be read
-    (damaged, or missing from a file of another layout) inside the block, is an error naming the file."""
+    (damaged, or missing from a file of another layout) inside the block, is an error naming the file and the
+    rule that rebuilds it."""
     try:
         handle = h5py.File(path, "r")
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} file {path} does not exist") from None
     except OSError as err:
         raise ProvenanceError(f"{what} file {path} is corrupt or truncated ({err}); delete it and run snakemake "
-                              f"again to rebuild it") from err
+                              f"again: the {rule} rule rebuilds it") from err
     try:
         with handle:
             yield handle
     except (OSError, KeyError) as err:
         raise ProvenanceError(f"{what} file {path} is damaged: reading it failed ({type(err).__name__}: {err}); "
-                              f"delete it and run snakemake again to rebuild it") from err
+                              f"delete it and run snakemake again: the {rule} rule rebuilds it") from err
 
 
 def check_artifact(attrs: dict[str, Any], path: str | os.PathLike, what: str, rule: str,

@@ -452,7 +452,7 @@ def merge_layer(paths: Sequence[str | os.PathLike], layer: int, *, model: str | 
     records = []
     seen_shards = set()
     for path in paths:
-        with open_h5(path, "activation statistics") as f:
+        with open_h5(path, "activation statistics", "activation_stats") as f:
             attrs = get_attrs(f)
             check_artifact(attrs, path, "statistics block", "activation_stats", model, d_m=d_m)
             if attrs.get("corpus_fingerprint") != corpus_fingerprint:
@@ -478,7 +478,7 @@ def write_covariance(path, second_moment: np.ndarray, count: int, record: dict[s
 
 
 def read_covariance(path, *, model: str | Mapping[str, Any], layer: int, d_m: int) -> tuple[np.ndarray, dict[str, Any]]:
-    with open_h5(path, "covariance") as f:
+    with open_h5(path, "covariance", "covariance") as f:
         attrs = get_attrs(f)
         check_artifact(attrs, path, "covariance", "covariance", model, layer=layer)
         C = f["C"][()]

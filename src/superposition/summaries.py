@@ -91,7 +91,7 @@ def write_kdes(path, grid: np.ndarray, curves: dict[str, dict[int, np.ndarray]],
 
 def read_kdes(path, *, model: str | Mapping[str, Any]) -> dict[str, Any]:
     """The curves of ``write_kdes``: grids as arrays, each group as {layer: density}; the model is checked."""
-    with open_h5(path, "density curves") as f:
+    with open_h5(path, "density curves", "kde") as f:
         check_artifact(get_attrs(f), path, "density-curves file", "kde", model)
         out: dict[str, Any] = {"grid": f["grid"][()], "angle_grid_deg": f["angle_grid_deg"][()]}
         for group in f:

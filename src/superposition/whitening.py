@@ -63,7 +63,7 @@ def write_whitening(path, w: Whitening, record: dict[str, Any]) -> None:
 
 
 def read_whitening(path, *, model: str | Mapping[str, Any], layer: int, d_m: int) -> tuple[Whitening, dict[str, Any]]:
-    with open_h5(path, "whitening") as f:
+    with open_h5(path, "whitening", "whitening") as f:
         attrs = get_attrs(f)
         check_artifact(attrs, path, "whitening", "whitening", model, layer=layer)
         w = Whitening(f["eigenvalues"][()], f["cholesky"][()], float(attrs["ridge"]))
