@@ -13,6 +13,7 @@ from conftest import tiny_model
 from superposition.settings import rule_settings
 from superposition import editing, keys as keys_mod, models
 from superposition.facts import Fact
+from superposition.matrices import whitened_keys
 
 
 def _random_spd(rng, d, n=None):
@@ -207,7 +208,7 @@ def _constrained_setup(seed=4, d=24, m=10, d_out=7):
 def test_control_update_leaves_the_constrained_keys_unchanged_and_maps_the_edit_key_to_delta():
     rng, C, L, keys, delta = _constrained_setup()
     k_e, protected = keys[0], keys[1:]
-    update, gain = editing.control_update(delta, k_e, editing.whiten(protected.T, L), L)
+    update, gain = editing.control_update(delta, k_e, whitened_keys(protected, L), L)
     scale = np.linalg.norm(delta)
     assert np.abs(update @ protected.T).max() < 1e-10 * scale  # zero interference at every constrained key
     np.testing.assert_allclose(update @ k_e, delta, rtol=1e-10, atol=0)  # u^T k_e = 1
@@ -232,12 +233,12 @@ def test_control_update_meets_duplicate_keys_and_reports_an_infeasible_edit():
     k_e, protected = keys[0], keys[1:]
     # two retained facts with the same subject prefix have the same key: consistent constraints, met exactly
     duplicated = np.vstack([protected, protected[2]])
-    update, gain = editing.control_update(delta, k_e, editing.whiten(duplicated.T, L), L)
+    update, gain = editing.control_update(delta, k_e, whitened_keys(duplicated, L), L)
     assert gain == pytest.approx(1.0, abs=1e-10)
     assert np.abs(update @ duplicated.T).max() < 1e-10 * np.linalg.norm(delta)
     # the edit's own key among the protected ones: no update changes it alone; least squares splits delta
     clash = np.vstack([protected, k_e])
-    update, gain = editing.control_update(delta, k_e, editing.whiten(clash.T, L), L)
+    update, gain = editing.control_update(delta, k_e, whitened_keys(clash, L), L)
     assert gain == pytest.approx(0.5, abs=1e-8)
     np.testing.assert_allclose(update @ k_e, 0.5 * delta, rtol=1e-8)
     assert np.abs(update @ protected.T).max() < 1e-8 * np.linalg.norm(delta)
@@ -337,6 +338,14 @@ def test_the_control_edits_leave_the_retained_facts_unchanged_in_the_model():
     # protected earlier edit: the second control edit leaves the first edit's key unchanged (float64 algebra)
     dv = runs["control"].consistency_dv
     np.testing.assert_allclose(dv[:, 0], runs["control"].deltas[0], rtol=1e-8)
+    # the unedited evaluation of an earlier method, reused, gives the same run as evaluating it again
+    reused = editing.run_sequence(model, tokenizer, module, "control", TINY_FACTS[:2], TINY_FACTS[2:], K, [0, 1],
+                                  [2, 3, 4, 5], L, P, None, cfg, log=lambda s: None,
+                                  unedited=runs["closed_form"].unedited)
+    assert reused.unedited is runs["closed_form"].unedited and len(reused.eval_seconds) == 2
+    for got, want in zip(reused.steps, runs["control"].steps, strict=True):  # the same numbers (NaN at n = 0)
+        assert got.keys() == want.keys()
+        np.testing.assert_array_equal([got[k] for k in sorted(got)], [want[k] for k in sorted(want)])
     with pytest.raises(editing.EditingError, match="null_space method needs the null-space projector"):
         editing.run_sequence(model, tokenizer, module, "null_space", TINY_FACTS[:1], TINY_FACTS[2:], K, [0],
                              [2, 3], L, P, None, cfg)

@@ -33,7 +33,7 @@ import scipy.linalg
 
 from .facts import Fact, FactError
 from .keys import run_prompts, subject_last_index, target_first_token
-from .matrices import gram_whitened, p_matrix
+from .matrices import gram_whitened, p_matrix, whitened_keys
 from .models import batch_tokens, blocks, key_module
 
 METHODS = ("closed_form", "null_space", "control")
@@ -59,11 +59,6 @@ def closed_form_update(delta: np.ndarray, key: np.ndarray, cholesky: np.ndarray)
     return np.outer(np.asarray(delta, dtype=np.float64), c_inv_k) / float(key @ c_inv_k)
 
 
-def whiten(keys: np.ndarray, cholesky: np.ndarray) -> np.ndarray:
-    """``L^-1 k`` for a key ``(d_m,)`` or for keys as columns ``(d_m, n)``, with ``C = L L^T``."""
-    return scipy.linalg.solve_triangular(cholesky, np.asarray(keys, dtype=np.float64), lower=True)
-
-
 def control_update(delta: np.ndarray, key: np.ndarray, protected_whitened: np.ndarray, cholesky: np.ndarray,
                    rcond: float = CONTROL_RCOND) -> tuple[np.ndarray, float]:
     """The interference-free control: ``delta u^T`` with the minimum-C-norm ``u`` such that ``u^T k_e = 1`` and
@@ -74,10 +69,10 @@ def control_update(delta: np.ndarray, key: np.ndarray, protected_whitened: np.nd
     ``rcond`` times the largest are dropped, so duplicate protected keys (the same subject prefix gives the same key)
     are met exactly, and an edit whose own key is a combination of the protected keys, which no update can change
     alone, gets the least-squares compromise ``u^T k_e < 1``. Returns the update and ``u^T k_e`` (1 when feasible).
-    ``protected_whitened`` is ``L^-1 K_protected^T`` ``(d_m, m)``, m may be 0 (then this is the closed form).
+    ``protected_whitened`` is ``matrices.whitened_keys(K_protected, L)`` ``(d_m, m)``, m may be 0 (then this is the closed form).
     """
     key = np.asarray(key, dtype=np.float64)
-    B = np.column_stack([whiten(key, cholesky), np.asarray(protected_whitened, dtype=np.float64)])
+    B = np.column_stack([whitened_keys(key, cholesky), np.asarray(protected_whitened, dtype=np.float64)])
     Q, R = np.linalg.qr(B)  # B = Q R, then the SVD of the small (m, m) R: B = (Q U) S V^T
     U, s, Vt = np.linalg.svd(R)
     keep = s > rcond * s[0]
@@ -316,6 +311,7 @@ class MethodRun:
     key_mismatch: float = 0.0  # largest relative difference, key at edit time vs the pipeline's key
     base_out_norm: np.ndarray | None = None  # ||W_0 k_j|| of every pool key (to scale interference)
     weight_change: np.ndarray | None = None  # W_n - W_0 (d_out, d_m) float64 after the whole sequence
+    unedited: "Evaluation | None" = None  # the evaluation before any edit (the same for every method)
 
 
 @dataclass
@@ -355,8 +351,12 @@ def _evaluate(model, tokenizer, layer: int, edited: Sequence[Fact], retained: Se
 def run_sequence(model, tokenizer, module, method: str, edit_facts: Sequence[Fact], retained: Sequence[Fact],
                  K_pool: np.ndarray, edit_rows: Sequence[int], retained_rows: Sequence[int], cholesky: np.ndarray,
                  P_pool: np.ndarray, projector: np.ndarray | None, cfg: EditConfig,
-                 log: Callable[[str], None] = print) -> MethodRun:
-    """Apply ``edit_facts`` (each with ``target_new`` set) one after another and measure every ``eval_every``."""
+                 log: Callable[[str], None] = print, unedited: Evaluation | None = None) -> MethodRun:
+    """Apply ``edit_facts`` (each with ``target_new`` set) one after another and measure every ``eval_every``.
+
+    ``unedited``: the evaluation before any edit of an earlier method's run on the same model and facts
+    (``MethodRun.unedited``); the weights are the same then, so it is reused instead of computed again.
+    """
     if method not in METHODS:
         raise EditingError(f"unknown editing method {method!r}; use one of {METHODS}")
     if method == "null_space" and projector is None:
@@ -368,7 +368,7 @@ def run_sequence(model, tokenizer, module, method: str, edit_facts: Sequence[Fac
     d_m = K_pool.shape[1]
     edited_moment = np.zeros((d_m, d_m))
     if method == "control":  # the whitened keys the control leaves unchanged: the retained facts' (+ earlier edits')
-        protected = [whiten(K_pool[retained_rows].T, cholesky)]
+        protected = [whitened_keys(K_pool[retained_rows], cholesky)]
     out = MethodRun(method)
     out.base_out_norm = np.linalg.norm(W0 @ K_pool.T, axis=0)
     targets = [dataclasses.replace(f, target_true=f.target_new) for f in edit_facts]
@@ -396,7 +396,7 @@ def run_sequence(model, tokenizer, module, method: str, edit_facts: Sequence[Fac
                             f"of the protected keys, so no update changes it alone; least squares gives "
                             f"u^T k_e = {gain:.4f}, the rest of delta lands on those keys")
                     if cfg.control_protects_edits:
-                        protected.append(whiten(key, cholesky)[:, None])
+                        protected.append(whitened_keys(key, cholesky)[:, None])
                 W += update
                 set_weight_matrix(module, W)
                 out.deltas.append(value.delta)
@@ -406,8 +406,10 @@ def run_sequence(model, tokenizer, module, method: str, edit_facts: Sequence[Fac
             if n % cfg.eval_every and n != len(edit_facts):
                 continue
             start = time.perf_counter()
-            ev = _evaluate(model, tokenizer, layer, targets[:n], retained, cfg.batch_size)
+            reuse = n == 0 and unedited is not None
+            ev = unedited if reuse else _evaluate(model, tokenizer, layer, targets[:n], retained, cfg.batch_size)
             if n == 0:
+                out.unedited = ev
                 out.base_logp, out.base_outputs, out.base_hidden = ev.logp, ev.outputs, ev.hidden
             # measured in the model's own float32 forward: the edited layer's output change at each retained fact's
             # subject token, and the last block's relative change at its last token
@@ -415,7 +417,8 @@ def run_sequence(model, tokenizer, module, method: str, edit_facts: Sequence[Fac
             measured_norm = np.linalg.norm(measured, axis=0)
             hidden_change = np.linalg.norm(ev.hidden - out.base_hidden, axis=1) / np.linalg.norm(out.base_hidden,
                                                                                                  axis=1)
-            out.eval_seconds.append(time.perf_counter() - start)
+            if not reuse:
+                out.eval_seconds.append(time.perf_counter() - start)
             dv = (W - W0) @ K_pool.T  # algebra: the master copy's change on every key, float64
             consistency = np.linalg.norm(dv[:, retained_rows], axis=0)
             row = {"n_edits": n, "edit_success": float(ev.success.mean()) if n else math.nan,
@@ -445,7 +448,8 @@ def run_sequence(model, tokenizer, module, method: str, edit_facts: Sequence[Fac
             log(f"{method}: {n:4d} edits  success {row['edit_success']:.3f}  retention {row['retention']:.3f}  "
                 f"logp drop {row['logp_drop_mean']:.3g}  measured interference {row['measured_interference_mean']:.4g}"
                 f"  last-layer change {row['last_hidden_change_mean']:.3g}{note}"
-                f"  ({out.eval_seconds[-1]:.2f} s/evaluation"
+                + ("  (the unedited evaluation of the first method" if reuse else
+                   f"  ({out.eval_seconds[-1]:.2f} s/evaluation")
                 + (f", {np.mean(out.edit_seconds[-cfg.eval_every:]):.2f} s/edit)" if n else ")"))
         out.weight_change = W - W0
     finally:

@@ -18,9 +18,15 @@ from .provenance import ProvenanceError, check_artifact, get_attrs, open_h5, wri
 NAMES = ("P", "Q", "W", "A")
 
 
+def whitened_keys(K: np.ndarray, cholesky: np.ndarray) -> np.ndarray:
+    """``L^-1 K^T`` with ``C = L L^T``: keys as rows ``(n, d_m)`` in, whitened keys as columns ``(d_m, n)`` out (a
+    single key ``(d_m,)`` gives ``(d_m,)``), by a triangular solve."""
+    return scipy.linalg.solve_triangular(cholesky, np.asarray(K, dtype=np.float64).T, lower=True)
+
+
 def gram_whitened(K: np.ndarray, cholesky: np.ndarray) -> np.ndarray:
     """``K C^-1 K^T`` with ``C = L L^T``: solve ``L Y = K^T``, then ``G = Y^T Y`` (exactly symmetric)."""
-    Y = scipy.linalg.solve_triangular(cholesky, np.asarray(K, dtype=np.float64).T, lower=True)
+    Y = whitened_keys(K, cholesky)
     return Y.T @ Y
 
 

@@ -60,8 +60,10 @@ def lifelong_edit(model_json: str, keys_path: str, whitening_path: str, covarian
 
     runs = {}
     for method in cfg.methods:
+        earlier = next(iter(runs.values()), None)  # before any edit every method sees the same model
         runs[method] = editing.run_sequence(model, tokenizer, module, method, edits, retained, K_pool, edit_rows,
-                                            retained_rows, w.cholesky, P_pool, projector, cfg)
+                                            retained_rows, w.cholesky, P_pool, projector, cfg,
+                                            unedited=earlier.unedited if earlier else None)
         sys.stdout.flush()
     first = runs[cfg.methods[0]]
 
