@@ -143,3 +143,48 @@ def test_a_capped_long_context_is_recorded_and_logged(tmp_path, capsys):
                                    [tmp_path / "t.h5"], {"model": "m"})
     assert manifest["truncated_documents"] == 0 and manifest["max_length"] == 64
     assert "truncated" not in capsys.readouterr().out
+
+
+def test_a_token_budget_takes_documents_in_the_shuffled_order_until_it_is_reached(tmp_path):
+    texts = [" ".join(["w"] * n) for n in (5, 9, 0, 3, 12, 7, 4, 6)]  # one empty document, skipped
+    docs = corpus.Documents([f"d{i}" for i in range(8)], texts, "local:test")
+    order = corpus.select_documents(8, None, 1)
+    by_count = corpus.build_shards(WordTokenizer(), docs, corpus_settings(n_documents=8), None,
+                                   [tmp_path / "all.h5"], {"model": "m"})
+    every = corpus.read_shard(tmp_path / "all.h5")
+    lengths = [len(d) for d in every.docs]
+    budget = sum(lengths[:3]) - 1  # reached inside the third document, which is kept whole
+    # n_documents is ignored under a budget (its x-when), chunk boundaries make no difference
+    manifest = corpus.build_shards(WordTokenizer(), docs, corpus_settings(n_tokens=budget, n_documents=1), None,
+                                   [tmp_path / "b0.h5", tmp_path / "b1.h5"], {"model": "m"})
+    shards = [corpus.read_shard(tmp_path / f"b{i}.h5") for i in range(2)]
+    assert [d for s in shards for d in s.doc_ids] == every.doc_ids[:3] == [f"d{i}" for i in order if texts[i]][:3]
+    assert manifest["corpus_tokens"] == sum(lengths[:3]) and manifest["n_tokens_budget"] == budget
+    assert shards[1].attrs["token_offset"] == shards[0].n_tokens == manifest["shard_tokens"][0]
+    assert shards[1].attrs["document_offset"] == len(shards[0].docs)
+    texts_small, _, docs_small = corpus.take_token_budget(WordTokenizer(), docs, order, 64, budget, chunk=2)
+    assert [len(d) for d in docs_small] == lengths[:3]
+    with pytest.raises(corpus.CorpusError, match=f"corpus.n_tokens is 1000 but the whole corpus \\(7 documents\\) "
+                                                 f"has only {sum(lengths)} tokens"):
+        corpus.build_shards(WordTokenizer(), docs, corpus_settings(n_tokens=1000), None, [tmp_path / "x.h5"],
+                            {"model": "m"})
+    assert by_count["n_tokens_budget"] is None
+
+
+def test_segment_targets_are_equal_blocks_and_halvings_of_the_first_down_to_d_m():
+    targets, blocks = corpus.segment_targets(52_879, 8, 1536)
+    assert blocks == [round(b * 52_879 / 8) for b in range(1, 8)]
+    # 52,879 / 8 = 6,610: halved to 3,305 and 1,652, not to 826 (< d_m)
+    assert targets == sorted([1652, 3305] + blocks)
+    assert corpus.segment_targets(1000, 1, 10) == ([], [])  # one block: one segment, no ladder
+    with pytest.raises(corpus.CorpusError, match="stats.corpus_blocks must be >= 1, got 0"):
+        corpus.segment_targets(1000, 0, 10)
+
+
+def test_documents_fall_in_the_segment_where_they_start():
+    targets, blocks = [10, 20, 40], [20]
+    seg, blk = corpus.document_segments([4, 8, 5, 9, 30, 2], 0, targets, blocks)
+    # starts 0, 4, 12, 17, 26, 56
+    assert seg.tolist() == [0, 0, 1, 1, 2, 3] and blk.tolist() == [0, 0, 0, 0, 1, 1]
+    seg, blk = corpus.document_segments([4, 8], 17, targets, blocks)  # a second shard starting at token 17
+    assert seg.tolist() == [1, 2] and blk.tolist() == [0, 1]

@@ -42,9 +42,11 @@ def _stats(path):
     S = np.random.default_rng(4).standard_normal((8, 8))
     with h5py.File(path, "w") as f:  # the layout _save_sums writes, through the same checksummed create
         f.attrs.update({"model": "m", "d_m": 8, "corpus_fingerprint": "c", "shard": 0, "n_shards": 1,
-                        "count": 3, "layers": "[0]"})
-        f.create_dataset("layer_0/sum", data=S @ S.T, fletcher32=True).attrs["count"] = 3
-    return lambda: stats.merge_layer([path], 0, model="m", d_m=8, corpus_fingerprint="c", n_shards=1), "layer_0/sum"
+                        "count": 3, "layers": "[0]", "segments": "[0]", "segment_blocks": "[0]",
+                        "segment_tokens": "[3]"})
+        f.create_dataset("layer_0/segment_sums", data=stats.pack_upper(S @ S.T)[None], fletcher32=True)
+    return (lambda: stats.merge_layer([path], 0, model="m", d_m=8, corpus_fingerprint="c", n_shards=1),
+            "layer_0/segment_sums")
 
 
 def _shard(path):

@@ -1,3 +1,4 @@
+import json
 import os
 import signal
 import subprocess
@@ -44,9 +45,16 @@ def run(model, docs, layers, path, **kw):
     return stats.collect_second_moments(model, docs, layers, path, {"model": "tiny", "d_m": 64}, pad_id=0, **kw)
 
 
-def read_sums(path):
+def read_segment_sums(path):
+    """The stored per-segment sums of every layer, as written (for bit-for-bit comparisons), and the segments."""
     with h5py.File(path) as f:
-        return {k: f[k]["sum"][()] for k in f}, int(f.attrs["count"])
+        return {k: f[k]["segment_sums"][()] for k in f}, json.loads(f.attrs["segments"])
+
+
+def read_sums(path):
+    """Each layer's sum over every segment of a statistics file, and the token count."""
+    with h5py.File(path) as f:
+        return ({k: stats.unpack_upper(f[k]["segment_sums"][()].sum(axis=0)) for k in f}, int(f.attrs["count"]))
 
 
 @pytest.mark.parametrize("gram_tokens", [None, 0, 37])
@@ -181,6 +189,59 @@ def test_sharded_merge_is_exact(n_shards, tmp_path):
         assert n_whole == n_merged
         rel = np.linalg.norm(whole / n_whole - merged / n_merged) / np.linalg.norm(whole / n_whole)
         assert rel <= 1e-12
+
+
+def test_every_prefix_of_segments_equals_the_second_moment_of_its_documents(tmp_path):
+    """The convergence ladder's C: the segments of the first k (cut by corpus.document_segments, split over two
+    shards, one segment straddling them) summed equal C of exactly those documents computed directly."""
+    from superposition import corpus
+
+    model = tiny_model("llama").double()
+    docs = random_docs(n_docs=30, seed=5)
+    lengths = [len(d) for d in docs]
+    total = sum(lengths)
+    targets, block_targets = corpus.segment_targets(total, 3, d_m=40)
+    assert block_targets == [round(total / 3), round(2 * total / 3)] and len(targets) > len(block_targets)
+    record = {"model": "tiny", "d_m": 64, "corpus_fingerprint": "fp"}
+    paths, cut = [], 17
+    for shard, (part, offset) in enumerate([(range(0, cut), 0), (range(cut, 30), sum(lengths[:cut]))]):
+        seg, blk = corpus.document_segments([lengths[i] for i in part], offset, targets, block_targets)
+        paths.append(tmp_path / f"s{shard}.h5")
+        stats.collect_second_moments(model, [docs[i] for i in part], [0, 2], paths[-1], {**record, "shard": shard},
+                                     pad_id=0, progress=False, gram_dtype="float64", segments=seg,
+                                     segment_blocks=blk, max_tokens=60, max_batch=4)
+    all_segments, all_blocks = corpus.document_segments(lengths, 0, targets, block_targets)
+    segments, records = stats.read_segments(paths, 2, model="tiny", d_m=64, corpus_fingerprint="fp", n_shards=2)
+    assert [s.id for s in segments] == sorted(set(all_segments.tolist()))
+    assert set(records[0]["segments"]) & set(records[1]["segments"])  # one segment is cut by the shard boundary
+    assert [s.block for s in segments] == [int(all_blocks[all_segments == s.id][0]) for s in segments]
+    running = np.zeros_like(segments[0].packed)
+    for k, segment in enumerate(segments):
+        running = running + segment.packed
+        members = np.flatnonzero(all_segments <= segment.id)
+        ref = reference_second_moments(model, [docs[i] for i in members], [2])[2]
+        assert sum(s.count for s in segments[:k + 1]) == ref[1] == sum(lengths[i] for i in members)
+        C = stats.unpack_upper(running) / ref[1]
+        assert np.linalg.norm(C - ref[0]) <= 1e-12 * np.linalg.norm(ref[0]), k
+
+
+def test_segments_must_be_runs_of_documents():
+    with pytest.raises(ValueError, match="must not decrease"):
+        stats.segment_batches([3, 4, 5], [0, 1, 0], 100, 8, 0)
+    with pytest.raises(ValueError, match="2 segment ids for 3 documents"):
+        stats.segment_batches([3, 4, 5], [0, 1], 100, 8, 0)
+    batches, owners = stats.segment_batches([3, 9, 4, 5, 2], [0, 0, 1, 1, 1], 100, 8, 0)
+    assert owners == sorted(owners) and {i for b in batches for i in b} == set(range(5))
+    assert all(len({[0, 0, 1, 1, 1][i] for i in b}) == 1 for b in batches)  # no batch mixes two segments
+
+
+def test_packed_upper_triangle_round_trips():
+    S = np.random.default_rng(0).standard_normal((7, 7))
+    S = S + S.T
+    packed = stats.pack_upper(S)
+    assert packed.shape == (28,) and np.array_equal(stats.unpack_upper(packed), S)
+    with pytest.raises(ValueError, match="27 values are not the upper triangle"):
+        stats.unpack_upper(packed[:-1])
 
 
 def test_merge_refuses_other_model_width_corpus_and_missing_shards(tmp_path):
@@ -334,8 +395,11 @@ def run_statistics(out, checkpoint, crash_after=None):
             return n
 
         stats.GramAccumulator.add_batch = dying
+    # three segments in two jackknife blocks: the kill and the signal land after a segment was closed
+    segments, blocks = [0] * 8 + [1] * 6 + [2] * 26, [0] * 14 + [1] * 26
     stats.collect_second_moments(tiny_model("gemma3_text"), random_docs(40, max_len=20), [0, 1, 2], str(out),
-                                 {"model": "tiny"}, pad_id=0, max_tokens=40,
+                                 {"model": "tiny"}, pad_id=0, max_tokens=40, segments=segments,
+                                 segment_blocks=blocks,
                                  checkpoint_path=str(checkpoint) if checkpoint else None,
                                  checkpoint_every=3, gram_tokens=50, progress=False)
 
@@ -381,7 +445,7 @@ def undisturbed_sums(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("undisturbed")
     run_statistics(tmp / "plain.h5", None)
     run_statistics(tmp / "checked.h5", tmp / "unused-checkpoint.h5")
-    return read_sums(tmp / "plain.h5"), read_sums(tmp / "checked.h5")
+    return read_segment_sums(tmp / "plain.h5"), read_segment_sums(tmp / "checked.h5")
 
 
 def test_killed_job_resumes_to_an_identical_result(tmp_path, undisturbed_sums, capsys):
@@ -394,8 +458,8 @@ def test_killed_job_resumes_to_an_identical_result(tmp_path, undisturbed_sums, c
     printed = capsys.readouterr().out
     assert "resuming from" in printed and "at batch 6/" in printed
     assert not ckpt.exists()
-    (a, na), ((b, nb), (c, nc)) = read_sums(out), undisturbed_sums
-    assert na == nb == nc
+    (a, na), ((b, nb), (c, nc)) = read_segment_sums(out), undisturbed_sums
+    assert na == nb == nc == [0, 1, 2]
     for key in a:
         assert np.array_equal(a[key], b[key])
         assert np.array_equal(a[key], c[key])  # no checkpoint file: the same products, the same bits
@@ -416,7 +480,7 @@ def test_a_damaged_checkpoint_is_restored_whole_or_not_at_all(damage, tmp_path, 
     run_statistics(out, ckpt)
     printed = capsys.readouterr().out
     assert "not resumed" in printed and "resuming from" not in printed
-    (a, na), (b, nb) = read_sums(out), undisturbed_sums[0]
+    (a, na), (b, nb) = read_segment_sums(out), undisturbed_sums[0]
     assert na == nb
     for key in b:
         assert np.array_equal(a[key], b[key]), key
@@ -434,7 +498,7 @@ def test_a_signalled_job_stops_at_its_next_checkpoint_and_resumes_to_the_same_bi
     run_statistics(out, ckpt)
     printed = capsys.readouterr().out
     assert "resuming from" in printed and "at batch 3/" in printed
-    (a, na), (b, nb) = read_sums(out), undisturbed_sums[0]
+    (a, na), (b, nb) = read_segment_sums(out), undisturbed_sums[0]
     assert na == nb and all(np.array_equal(a[key], b[key]) for key in b)
 
 

@@ -275,7 +275,7 @@ def validate(config: dict[str, Any]) -> None:
     corpus = config["corpus"]
     if corpus["source"] == "local" and not corpus.get("path"):
         raise ConfigError("corpus.source is 'local' but corpus.path is not set")
-    if corpus.get("n_documents") and corpus.get("n_shards", 1) > corpus["n_documents"]:
+    if corpus.get("n_documents") and not corpus.get("n_tokens") and corpus.get("n_shards", 1) > corpus["n_documents"]:
         raise ConfigError(f"corpus.n_shards is {corpus['n_shards']} but corpus.n_documents is only "
                           f"{corpus['n_documents']}: every shard needs at least one document")
     if facts.get("source", "probe") == "file" and not facts.get("path"):

@@ -278,13 +278,17 @@ def build_shards(tokenizer, documents: Documents, cfg: dict[str, Any], context_l
 
     ``cfg`` is the corpus section with its schema defaults filled in (settings.rule_settings): no defaults here.
     """
-    rows = select_documents(len(documents.texts), cfg["n_documents"], int(cfg["seed"]))
+    n_tokens = cfg.get("n_tokens")
+    rows = select_documents(len(documents.texts), None if n_tokens else cfg["n_documents"], int(cfg["seed"]))
     max_length, limited_by = document_length_limit(cfg, context_length)
-    texts = [documents.texts[i] for i in rows]
-    doc_ids = [documents.ids[i] for i in rows]
-    keep = [i for i, text in enumerate(texts) if text and text.strip()]
-    texts, doc_ids = [texts[i] for i in keep], [doc_ids[i] for i in keep]
-    docs = tokenize_documents(tokenizer, texts, max_length)
+    if n_tokens:
+        texts, doc_ids, docs = take_token_budget(tokenizer, documents, rows, max_length, int(n_tokens))
+    else:
+        texts = [documents.texts[i] for i in rows]
+        doc_ids = [documents.ids[i] for i in rows]
+        keep = [i for i, text in enumerate(texts) if text and text.strip()]
+        texts, doc_ids = [texts[i] for i in keep], [doc_ids[i] for i in keep]
+        docs = tokenize_documents(tokenizer, texts, max_length)
     cut = untruncated_lengths(tokenizer, texts, docs, max_length)
     if cut:
         print(f"{len(cut)} of {len(docs)} documents truncated to {max_length} tokens ({limited_by}; the model's "
@@ -307,8 +311,65 @@ def build_shards(tokenizer, documents: Documents, cfg: dict[str, Any], context_l
         "model_context_length": context_length,
         "truncated_documents": len(cut),
         "seed": int(cfg["seed"]),
+        "n_tokens_budget": n_tokens,
         "n_shards": len(shard_paths),
+        "shard_documents": [len(part) for part in shards],
+        "shard_tokens": [int(sum(len(docs[i]) for i in part)) for part in shards],
     }
     for index, (part, path) in enumerate(zip(shards, shard_paths)):
-        write_shard(path, [docs[i] for i in part], [doc_ids[i] for i in part], {**manifest, "shard": index})
+        # where the shard starts in the corpus order: the statistics job cuts the corpus-level segments with it
+        offsets = {"document_offset": part.start, "token_offset": int(sum(manifest["shard_tokens"][:index]))}
+        write_shard(path, [docs[i] for i in part], [doc_ids[i] for i in part], {**manifest, "shard": index, **offsets})
     return manifest
+
+
+def take_token_budget(tokenizer, documents: Documents, rows: Sequence[int], max_length: int, n_tokens: int,
+                      chunk: int = 512) -> tuple[list[str], list[str], list[np.ndarray]]:
+    """Documents in the order of ``rows`` (empty ones skipped) until their tokens reach ``n_tokens``; the last is
+    kept whole. Tokenised a chunk at a time, so a budget of a large corpus never tokenises all of it."""
+    texts, doc_ids, docs, total = [], [], [], 0
+    for start in range(0, len(rows), chunk):
+        part = [i for i in rows[start:start + chunk] if documents.texts[i] and documents.texts[i].strip()]
+        encoded = tokenize_documents(tokenizer, [documents.texts[i] for i in part], max_length)
+        for i, ids in zip(part, encoded):
+            texts.append(documents.texts[i])
+            doc_ids.append(documents.ids[i])
+            docs.append(ids)
+            total += len(ids)
+            if total >= n_tokens:
+                return texts, doc_ids, docs
+    raise CorpusError(f"corpus.n_tokens is {n_tokens} but the whole corpus ({len(docs)} documents) has only "
+                      f"{total} tokens")
+
+
+# ------------------------------------------------------------------------------------------ corpus segments
+#
+# The statistics jobs keep the sums of k k^T of consecutive runs of documents ("segments") apart, so that C can be
+# formed for prefixes of the corpus (the convergence ladder) and with one block left out (the jackknife) without
+# another forward pass. Segments are cut where a document starts at or after a target token count; the targets are
+# the block boundaries b N / B and, inside the first block, its halvings down to d_m tokens (fewer tokens than key
+# dimensions give a singular C).
+
+
+def segment_targets(corpus_tokens: int, n_blocks: int, d_m: int) -> tuple[list[int], list[int]]:
+    """Token counts where segments start (ascending, > 0) and the block boundaries among them."""
+    if n_blocks < 1:
+        raise CorpusError(f"stats.corpus_blocks must be >= 1, got {n_blocks}")
+    blocks = sorted({int(round(b * corpus_tokens / n_blocks)) for b in range(1, n_blocks)} - {0})
+    halvings = []
+    first = corpus_tokens / n_blocks
+    while n_blocks > 1 and first / 2 >= d_m:
+        first /= 2
+        halvings.append(int(round(first)))
+    return sorted(set(blocks) | set(halvings)), blocks
+
+
+def document_segments(lengths: Sequence[int], token_offset: int, targets: Sequence[int],
+                      block_targets: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Per document: its segment (the number of targets at or before its first token in the corpus order) and its
+    jackknife block (the same over the block boundaries). Both never decrease along the documents."""
+    starts = token_offset + np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if len(lengths) else \
+        np.zeros(0, np.int64)
+    segment = np.searchsorted(np.asarray(targets, dtype=np.int64), starts, side="right")
+    block = np.searchsorted(np.asarray(block_targets, dtype=np.int64), starts, side="right")
+    return segment.astype(np.int64), block.astype(np.int64)

@@ -9,7 +9,9 @@ several shards merge exactly; a job checkpoints its sums and resumes after a cra
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import math
 import os
 import signal
 import threading
@@ -261,6 +263,34 @@ class GramAccumulator:
         return n
 
 
+@functools.lru_cache(maxsize=4)
+def upper_indices(d: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row-major indices of the upper triangle (diagonal included) of a d x d matrix: the packed layout."""
+    return np.triu_indices(d)
+
+
+def pack_upper(S: np.ndarray) -> np.ndarray:
+    """The upper triangle of S, row by row (d (d + 1) / 2 values): a symmetric sum stored in half the bytes."""
+    return np.ascontiguousarray(S[upper_indices(S.shape[0])])
+
+
+def packed_width(n_values: int) -> int:
+    d = int((math.isqrt(8 * n_values + 1) - 1) // 2)
+    if d * (d + 1) // 2 != n_values:
+        raise ValueError(f"{n_values} values are not the upper triangle of a square matrix")
+    return d
+
+
+def unpack_upper(packed: np.ndarray, d: int | None = None) -> np.ndarray:
+    """The symmetric matrix whose upper triangle ``pack_upper`` stored."""
+    d = packed_width(len(packed)) if d is None else d
+    S = np.zeros((d, d), dtype=packed.dtype)
+    rows, cols = upper_indices(d)
+    S[rows, cols] = packed
+    S[cols, rows] = packed
+    return S
+
+
 def set_matmul_precision(allow_tf32: bool) -> None:
     import torch
 
@@ -268,28 +298,78 @@ def set_matmul_precision(allow_tf32: bool) -> None:
     torch.set_float32_matmul_precision("high" if allow_tf32 else "highest")
 
 
-def plan_digest(lengths: Sequence[int], batches: Sequence[Sequence[int]], layers: Sequence[int]) -> str:
+def plan_digest(lengths: Sequence[int], batches: Sequence[Sequence[int]], layers: Sequence[int],
+                segments: Sequence[int] | None = None) -> str:
     digest = hashlib.sha256()
     digest.update(np.asarray(lengths, dtype=np.int64).tobytes())
     for batch in batches:
         digest.update(np.asarray(batch, dtype=np.int64).tobytes() + b"|")
     digest.update(np.asarray(layers, dtype=np.int64).tobytes())
+    if segments is not None:
+        digest.update(b"segments" + np.asarray(segments, dtype=np.int64).tobytes())
     return digest.hexdigest()[:16]
 
 
-def _save_sums(path, accumulator: GramAccumulator, record: dict[str, Any], final: bool) -> None:
-    """Final outputs hold full symmetric sums; checkpoints hold the accumulator exactly as it is (flushed)."""
-    sums = accumulator.symmetric_sums() if final else {l: accumulator.sums[l].cpu().numpy() for l in accumulator.layers}
+def segment_batches(lengths: Sequence[int], segments: Sequence[int], max_tokens: int, max_batch: int,
+                    overhead_tokens: int) -> tuple[list[list[int]], list[int]]:
+    """`token_batches` within each segment (a batch never mixes two segments, so each segment's sum is its own);
+    returns the batches (document indices) and each batch's segment, segments in ascending order."""
+    segments = np.asarray(segments, dtype=np.int64)
+    if len(segments) != len(lengths):
+        raise ValueError(f"{len(segments)} segment ids for {len(lengths)} documents")
+    if len(segments) and np.any(np.diff(segments) < 0):
+        raise ValueError("segment ids must not decrease along the documents (segments are runs of documents)")
+    batches, batch_segment = [], []
+    for seg in np.unique(segments):
+        members = np.flatnonzero(segments == seg)
+        for batch in token_batches([lengths[i] for i in members], max_tokens, max_batch, overhead_tokens):
+            batches.append([int(members[i]) for i in batch])
+            batch_segment.append(int(seg))
+    return batches, batch_segment
+
+
+@dataclass
+class FinishedSegments:
+    """Segments whose sums are complete: per segment its id, jackknife block, token count and per layer the packed
+    upper triangle of its float64 sum (held on the host)."""
+
+    ids: list[int] = field(default_factory=list)
+    blocks: list[int] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)
+    sums: dict[int, list[np.ndarray]] = field(default_factory=dict)
+
+    def close(self, accumulator: "GramAccumulator", segment: int, block: int, count: int) -> None:
+        """Move the accumulator's sums (all of this segment's tokens, flushed) here and zero them."""
+        accumulator.flush()
+        for layer in accumulator.layers:
+            S = accumulator.sums[layer]
+            self.sums.setdefault(layer, []).append(pack_upper(S.cpu().numpy()))
+            S.zero_()
+        self.ids.append(int(segment))
+        self.blocks.append(int(block))
+        self.counts.append(int(count))
+
+
+def _save_sums(path, accumulator: GramAccumulator, finished: FinishedSegments, record: dict[str, Any],
+               final: bool) -> None:
+    """Final outputs hold one packed sum per segment and layer; checkpoints also the accumulator exactly as it is
+    (flushed: the current segment's partial sums)."""
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
-            set_attrs(f, {**record, "count": accumulator.count, "layers": accumulator.layers})
+            set_attrs(f, {**record, "count": accumulator.count, "layers": accumulator.layers,
+                          "segments": finished.ids, "segment_blocks": finished.blocks,
+                          "segment_tokens": finished.counts})
             for layer in accumulator.layers:
-                dset = f.create_dataset(f"layer_{layer}/sum", data=sums[layer], **CHECKSUM)
-                dset.attrs["count"] = accumulator.count
+                if finished.ids:
+                    f.create_dataset(f"layer_{layer}/segment_sums", data=np.stack(finished.sums[layer]),
+                                     chunks=(1, len(finished.sums[layer][0])), **CHECKSUM)
+                if not final:
+                    f.create_dataset(f"layer_{layer}/partial", data=accumulator.sums[layer].cpu().numpy(),
+                                     **CHECKSUM)
 
 
-def _load_checkpoint(path, accumulator: GramAccumulator, plan: str) -> int:
-    """Restore the sums of a checkpoint of the same plan, every layer or none; returns the next batch index.
+def _load_checkpoint(path, accumulator: GramAccumulator, finished: FinishedSegments, plan: str) -> int:
+    """Restore the sums of a checkpoint of the same plan, every layer and segment or none; returns the next batch.
 
     Everything is read and checked before anything is restored, so a checkpoint damaged in a later layer never
     leaves the earlier layers' sums restored (they would be counted twice when the job starts over).
@@ -300,20 +380,29 @@ def _load_checkpoint(path, accumulator: GramAccumulator, plan: str) -> int:
         with h5py.File(path, "r") as f:
             attrs = get_attrs(f)
             if attrs.get("plan") != plan:
-                print(f"{path} is a checkpoint of another plan (batches, layers or grouping): not resumed")
+                print(f"{path} is a checkpoint of another plan (batches, layers, segments or grouping): not resumed")
                 return 0
-            sums = {layer: f[f"layer_{layer}/sum"][()] for layer in accumulator.layers}
+            partial = {layer: f[f"layer_{layer}/partial"][()] for layer in accumulator.layers}
+            ids = [int(v) for v in attrs["segments"]]
+            segment_sums = {layer: list(f[f"layer_{layer}/segment_sums"][()]) if ids else []
+                            for layer in accumulator.layers}
             count, next_batch = int(attrs["count"]), int(attrs["next_batch"])
+            blocks, counts = [int(v) for v in attrs["segment_blocks"]], [int(v) for v in attrs["segment_tokens"]]
     except (OSError, KeyError, ValueError, TypeError) as err:
         print(f"{path} is damaged ({type(err).__name__}: {err}): not resumed, starting from batch 0")
         return 0
-    for layer, values in sums.items():
-        if values.shape != tuple(accumulator.sums[layer].shape) or not np.isfinite(values).all():
-            print(f"{path}: layer {layer}'s sum has shape {values.shape} or non-finite values: not resumed, "
+    for layer, values in partial.items():
+        d = accumulator.sums[layer].shape[0]
+        packed_ok = all(v.shape == (d * (d + 1) // 2,) and np.isfinite(v).all() for v in segment_sums[layer])
+        if values.shape != (d, d) or not np.isfinite(values).all() or not packed_ok \
+                or len(segment_sums[layer]) != len(ids):
+            print(f"{path}: layer {layer}'s sums have the wrong shape or non-finite values: not resumed, "
                   f"starting from batch 0")
             return 0
-    for layer, values in sums.items():
+    for layer, values in partial.items():
         accumulator.sums[layer].copy_(torch.from_numpy(values))
+        finished.sums[layer] = segment_sums[layer]
+    finished.ids, finished.blocks, finished.counts = ids, blocks, counts
     accumulator.count = count
     return next_batch
 
@@ -358,6 +447,8 @@ def collect_second_moments(
     record: dict[str, Any],
     *,
     pad_id: int,
+    segments: Sequence[int] | None = None,
+    segment_blocks: Sequence[int] | None = None,
     max_tokens: int = 4096,
     max_batch: int = 64,
     batch_overhead_tokens: int | None = None,
@@ -365,17 +456,24 @@ def collect_second_moments(
     gram_tokens: int | None = None,
     allow_tf32: bool = False,
     checkpoint_path: str | os.PathLike | None = None,
-    checkpoint_every: int = 50,
+    checkpoint_every: int = 20,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Sum k k^T over all real tokens of ``docs`` for every layer in one forward pass per batch; write ``out_path``."""
+    """Sum k k^T over all real tokens of ``docs`` for every layer in one forward pass per batch; write ``out_path``.
+
+    ``segments`` (per document, non-decreasing; None - one segment) keeps the sums of each run of documents apart
+    (corpus.document_segments), ``segment_blocks`` names each document's jackknife block (None - its segment).
+    """
     from tqdm import tqdm
 
     set_matmul_precision(allow_tf32)
     lengths = [len(d) for d in docs]
+    segments = np.zeros(len(docs), np.int64) if segments is None else np.asarray(segments, dtype=np.int64)
+    segment_blocks = segments if segment_blocks is None else np.asarray(segment_blocks, dtype=np.int64)
     if batch_overhead_tokens is None:
         batch_overhead_tokens = default_batch_overhead(next(model.parameters()).device.type)
-    batches = token_batches(lengths, max_tokens, max_batch, batch_overhead_tokens)
+    batches, batch_segment = segment_batches(lengths, segments, max_tokens, max_batch, batch_overhead_tokens)
+    block_of_segment = {int(seg): int(blk) for seg, blk in zip(segments, segment_blocks)}
     attention = getattr(model.config, "_attn_implementation", None)
     longest = max(lengths, default=0)
     if longest > max_tokens:
@@ -385,13 +483,14 @@ def collect_second_moments(
               f"{max_tokens} (the longest {longest} tokens): each is a batch of its own, whole "
               f"({attention} attention)")
     accumulator = GramAccumulator(model, list(layers), gram_dtype, gram_tokens)
-    # The plan names the batches, layers, accumulator layout and the grouping of tokens into Gram products (which
-    # moves the float32 rounding): a checkpoint of another plan is never resumed.
-    plan = (plan_digest(lengths, batches, accumulator.layers)
+    finished = FinishedSegments()
+    # The plan names the batches, layers, segments, accumulator layout and the grouping of tokens into Gram products
+    # (which moves the float32 rounding): a checkpoint of another plan is never resumed.
+    plan = (plan_digest(lengths, batches, accumulator.layers, [*segments, -1, *segment_blocks])
             + f"-upper-g{accumulator.gram_tokens}-c{checkpoint_every}")
     start = 0
     if checkpoint_path and Path(checkpoint_path).exists():
-        start = _load_checkpoint(checkpoint_path, accumulator, plan)
+        start = _load_checkpoint(checkpoint_path, accumulator, finished, plan)
         if start:
             print(f"resuming from {checkpoint_path} at batch {start}/{len(batches)} ({accumulator.count} tokens)")
     total = sum(lengths)
@@ -399,23 +498,36 @@ def collect_second_moments(
     t0 = time.perf_counter()
     bar = tqdm(total=total, initial=done_before, unit="tok", unit_scale=True, disable=not progress,
                desc=f"second moments, {len(accumulator.layers)} layers", mininterval=5)
+
+    def close_segment(index: int) -> None:
+        """The batches of a segment end before ``index``: its sums move to ``finished``."""
+        segment = batch_segment[index - 1]
+        finished.close(accumulator, segment, block_of_segment[segment], accumulator.count - sum(finished.counts))
+
     with accumulator, _stop_requests(bool(checkpoint_path)) as stop:
         for index in range(start, len(batches)):
+            # a segment is closed when the next one's first batch comes (also right after resuming there: a
+            # checkpoint is written before that, with the finished segment still in the accumulator)
+            if index > 0 and batch_segment[index] != batch_segment[index - 1]:
+                close_segment(index)
             ids, mask, positions = pad_batch([docs[i] for i in batches[index]], pad_id)
             bar.update(accumulator.add_batch(ids, mask, positions, index))
             if (index + 1) % checkpoint_every == 0:
                 # with or without a checkpoint file, so that the result never depends on whether one was written
                 accumulator.flush()
                 if checkpoint_path and index + 1 < len(batches):
-                    _save_sums(checkpoint_path, accumulator, {"plan": plan, "next_batch": index + 1}, final=False)
+                    _save_sums(checkpoint_path, accumulator, finished, {"plan": plan, "next_batch": index + 1},
+                               final=False)
                     if stop:  # at a regular checkpoint, so the resumed result has the same bits
                         raise JobStopped(f"stopped on {stop[0]} at batch {index + 1}/{len(batches)}: checkpoint "
                                          f"{checkpoint_path} saved; the job's rerun resumes from it")
-        accumulator.flush()  # the last Gram products belong to the timed work
+        if batches:
+            close_segment(len(batches))  # the last Gram products belong to the timed work
     bar.close()
     elapsed = time.perf_counter() - t0
-    if accumulator.count != total:
-        raise RuntimeError(f"counted {accumulator.count} tokens but the shard has {total}")
+    if accumulator.count != total or sum(finished.counts) != total:
+        raise RuntimeError(f"counted {accumulator.count} tokens ({sum(finished.counts)} in segments) but the shard "
+                           f"has {total}")
     throughput = (total - done_before) / elapsed if elapsed > 0 else float("nan")
     summary = {
         **record,
@@ -427,28 +539,39 @@ def collect_second_moments(
         "gram_dtype": gram_dtype,
         "gram_tokens": accumulator.gram_tokens,
         "accumulator_dtype": "float64",
+        "stored_as": "per segment, the packed upper triangle (row-major, diagonal included) of the float64 sum",
         "model_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "device": str(next(model.parameters()).device),
         "allow_tf32": allow_tf32,
         "seconds": elapsed,
         "tokens_per_second": throughput,
     }
-    _save_sums(out_path, accumulator, summary, final=True)
+    _save_sums(out_path, accumulator, finished, summary, final=True)
     if checkpoint_path and Path(checkpoint_path).exists():
         Path(checkpoint_path).unlink()
-    print(f"{total} tokens, {len(accumulator.layers)} layers, {elapsed:.1f} s, {throughput:.0f} tokens/s")
+    print(f"{total} tokens, {len(accumulator.layers)} layers, {len(finished.ids)} segments, {elapsed:.1f} s, "
+          f"{throughput:.0f} tokens/s")
     return summary
 
 
 # ------------------------------------------------------------------------------------------ merging
 
 
-def merge_layer(paths: Sequence[str | os.PathLike], layer: int, *, model: str | Mapping[str, Any], d_m: int,
-                corpus_fingerprint: str,
-                n_shards: int) -> tuple[np.ndarray, int, list[dict[str, Any]]]:
-    """Sum one layer's S and counts over shard files, in the given (fixed) order. Exact: float64 throughout."""
-    total = None
-    count = 0
+@dataclass
+class Segment:
+    """One segment's sum for one layer: id and jackknife block in the corpus order, token count, packed sum."""
+
+    id: int
+    block: int
+    count: int
+    packed: np.ndarray
+
+
+def read_segments(paths: Sequence[str | os.PathLike], layer: int, *, model: str | Mapping[str, Any], d_m: int,
+                  corpus_fingerprint: str, n_shards: int) -> tuple[list[Segment], list[dict[str, Any]]]:
+    """Every segment of one layer over the shard files, in corpus order (a segment cut by a shard boundary comes in
+    two parts, summed here in shard order), with each file's provenance checked."""
+    parts: dict[int, Segment] = {}
     records = []
     seen_shards = set()
     for path in paths:
@@ -458,19 +581,45 @@ def merge_layer(paths: Sequence[str | os.PathLike], layer: int, *, model: str | 
             if attrs.get("corpus_fingerprint") != corpus_fingerprint:
                 raise ProvenanceError(f"{path} was computed on another corpus (fingerprint "
                                       f"{attrs.get('corpus_fingerprint')!r}, expected {corpus_fingerprint!r})")
-            name = f"layer_{layer}/sum"
-            if name not in f:
+            if "segments" not in attrs:
+                raise ProvenanceError(f"{path} holds no segment sums (written by an older version); rerun "
+                                      f"activation_stats")
+            name = f"layer_{layer}/segment_sums"
+            if layer not in [int(v) for v in attrs.get("layers", [])] or name not in f:
                 raise ProvenanceError(f"{path} has no statistics for layer {layer} (it holds {attrs.get('layers')})")
-            part = f[name][()]  # a damaged dataset: open_h5 names the file
-            if part.shape != (d_m, d_m) or part.dtype != np.float64:
-                raise ProvenanceError(f"{path}: {name} has shape {part.shape} {part.dtype}, expected ({d_m}, {d_m}) float64")
-            total = part if total is None else total + part
-            count += int(f[name].attrs["count"])
+            sums = f[name][()]  # a damaged dataset: open_h5 names the file
+            width = d_m * (d_m + 1) // 2
+            if sums.shape != (len(attrs["segments"]), width) or sums.dtype != np.float64:
+                raise ProvenanceError(f"{path}: {name} has shape {sums.shape} {sums.dtype}, expected "
+                                      f"({len(attrs['segments'])}, {width}) float64 (d_m = {d_m})")
+            for seg, block, count, packed in zip(attrs["segments"], attrs["segment_blocks"], attrs["segment_tokens"],
+                                                 sums):
+                seg, block, count = int(seg), int(block), int(count)
+                if seg in parts:
+                    if parts[seg].block != block:
+                        raise ProvenanceError(f"{path}: segment {seg} is in block {block} here and {parts[seg].block} "
+                                              f"in another shard")
+                    parts[seg] = Segment(seg, block, parts[seg].count + count, parts[seg].packed + packed)
+                else:
+                    parts[seg] = Segment(seg, block, count, packed)
             seen_shards.add(attrs.get("shard"))
-            records.append({"path": str(path), "shard": attrs.get("shard"), "n_tokens": attrs.get("n_tokens")})
+            records.append({"path": str(path), "shard": attrs.get("shard"), "n_tokens": attrs.get("n_tokens"),
+                            "segments": [int(v) for v in attrs["segments"]]})
     if seen_shards != set(range(n_shards)):
         raise ProvenanceError(f"expected shards 0..{n_shards - 1}, got {sorted(seen_shards, key=str)}")
-    return total, count, records
+    return [parts[seg] for seg in sorted(parts)], records
+
+
+def merge_layer(paths: Sequence[str | os.PathLike], layer: int, *, model: str | Mapping[str, Any], d_m: int,
+                corpus_fingerprint: str,
+                n_shards: int) -> tuple[np.ndarray, int, list[dict[str, Any]]]:
+    """One layer's S (summed over the segments in corpus order) and token count. Exact: float64 throughout."""
+    segments, records = read_segments(paths, layer, model=model, d_m=d_m, corpus_fingerprint=corpus_fingerprint,
+                                      n_shards=n_shards)
+    total = segments[0].packed.copy()
+    for segment in segments[1:]:
+        total += segment.packed
+    return unpack_upper(total, d_m), sum(segment.count for segment in segments), records
 
 
 def write_covariance(path, second_moment: np.ndarray, count: int, record: dict[str, Any]) -> None:

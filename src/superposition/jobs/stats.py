@@ -26,9 +26,17 @@ def activation_stats(model_json: str, shard_path: str, layers: Sequence[int], st
         "n_shards": shard.attrs["n_shards"],
         "execution": execution or {},
     }
+    targets, block_targets = corpus_mod.segment_targets(int(shard.attrs["corpus_tokens"]),
+                                                         int(stats_cfg["corpus_blocks"]), int(manifest["d_m"]))
+    segments, segment_blocks = corpus_mod.document_segments([len(d) for d in shard.docs],
+                                                            int(shard.attrs["token_offset"]), targets, block_targets)
+    record.update({"corpus_blocks": int(stats_cfg["corpus_blocks"]), "segment_targets": targets,
+                   "block_targets": block_targets, "corpus_tokens": int(shard.attrs["corpus_tokens"])})
     return stats_mod.collect_second_moments(
         model, shard.docs, layers, out_path, record,
         pad_id=tokenizer.pad_token_id,
+        segments=segments,
+        segment_blocks=segment_blocks,
         max_tokens=stats_cfg["max_tokens_per_batch"],
         max_batch=stats_cfg["max_batch_size"],
         gram_dtype=stats_cfg["gram_dtype"],
