@@ -9,6 +9,7 @@ include: "rules/stats.smk"
 include: "rules/facts.smk"
 include: "rules/matrices.smk"
 include: "rules/summaries.smk"
+include: "rules/resampling.smk"
 include: "rules/figures.smk"
 include: "rules/export.smk"
 include: "rules/editing.smk"
@@ -21,6 +22,8 @@ rule all:
     input:
         expand(res("matrices/{model}/top_pairs.tsv"), model=MODELS),
         expand(res("summaries/{model}/layers.tsv"), model=MODELS),
+        expand(res("summaries/{model}/verdict.tsv"), model=computed_models()),
+        expand(res("figures/{model}/convergence.png"), model=computed_models()),
         expand(res("figures/{model}/p_heatmaps.png"), model=MODELS),
         expand(res("figures/{model}/p_kde.png"), model=MODELS),
         expand(res("figures/{model}/kurtosis_vs_m.png"), model=MODELS),

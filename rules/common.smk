@@ -159,6 +159,18 @@ def matrix_files(model):
     return [res(f"matrices/{model}/layer-{layer}.h5") for layer in layers_of(model)]
 
 
+def computed_models():
+    """Models whose statistics this workflow computes (imported statistics have no corpus segments)."""
+    return [m for m in MODELS if not sp_config.is_imported(config, m)]
+
+
+def resampling_files(wildcards):
+    """The per-layer ladder and jackknife of a computed model (none for imported statistics)."""
+    if sp_config.is_imported(config, wildcards.model):
+        return []
+    return [res(f"resampling/{wildcards.model}/layer-{layer}.h5") for layer in layers_of(wildcards.model)]
+
+
 def study_layers(model):
     return sp_config.study_layers(layers_of(model))
 

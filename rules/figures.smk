@@ -190,3 +190,27 @@ rule figure_kurtosis_vs_size:
         **rule_params("figure_kurtosis_vs_size"),
     script:
         "../workflow/scripts/figure_kurtosis_vs_size.py"
+
+
+rule figure_convergence:
+    input:
+        model=res("models/{model}/model.json"),
+        ladder=res("summaries/{model}/convergence.tsv"),
+    output:
+        png=report(
+            res("figures/{model}/convergence.png"),
+            caption="../report/convergence.rst",
+            category="Per model",
+            labels={"model": "{model}", "figure": "convergence of the statistics with the corpus size"},
+        ),
+        pdf=res("figures/{model}/convergence.pdf"),
+    log:
+        res("logs/figure_convergence/{model}.log"),
+    benchmark:
+        res("benchmarks/figure_convergence/{model}.tsv")
+    conda:
+        "../envs/superposition.yaml"
+    params:
+        **rule_params("figure_convergence"),
+    script:
+        "../workflow/scripts/figure_convergence.py"

@@ -3,6 +3,7 @@ rule summaries:
         model=res("models/{model}/model.json"),
         matrices=lambda w: matrix_files(w.model),
         selection=res("facts/selection.json"),
+        resampling=resampling_files,
     output:
         report(
             res("summaries/{model}/layers.tsv"),

@@ -26,11 +26,15 @@ PRESENT_MATRICES = {"top_pairs", "summaries", "kde", "figure_heatmaps", "figure_
                     "figure_kurtosis_vs_layer", "figure_kurtosis_vs_size", "figure_kde", "figure_kde_across_models",
                     "figure_angles", "all"}
 FIGURES = {"figure_heatmaps", "figure_kde", "figure_kurtosis_vs_m", "figure_editing", "figure_p_across_models",
-           "figure_kde_across_models", "figure_kurtosis_vs_layer", "figure_angles", "figure_kurtosis_vs_size", "all"}
+           "figure_kde_across_models", "figure_kurtosis_vs_layer", "figure_angles", "figure_kurtosis_vs_size",
+           "figure_convergence", "all"}
+# the per-layer ladder and jackknife, and what reads them: the convergence tables and the intervals of layers.tsv
+RESAMPLING = {"resampling", "convergence", "figure_convergence", "summaries", "figure_kurtosis_vs_layer",
+              "figure_kurtosis_vs_size", "all"}
 EDITING = {"lifelong_edit", "figure_editing", "all"}
-FROM_KEYS = {"keys", "matrices", "kurtosis_vs_m", "figure_kurtosis_vs_m"} | PRESENT_MATRICES | EDITING
+FROM_KEYS = {"keys", "matrices", "kurtosis_vs_m", "figure_kurtosis_vs_m"} | PRESENT_MATRICES | EDITING | RESAMPLING
 FROM_SELECTION = {"known_facts"} | FROM_KEYS
-FROM_WHITENING = {"whitening", "matrices", "kurtosis_vs_m", "figure_kurtosis_vs_m"} | PRESENT_MATRICES | EDITING
+FROM_WHITENING = {"whitening", "matrices", "kurtosis_vs_m", "figure_kurtosis_vs_m"} | PRESENT_MATRICES | EDITING | RESAMPLING
 FROM_COVARIANCE = {"covariance"} | FROM_WHITENING
 FROM_STATS = {"activation_stats"} | FROM_COVARIANCE
 FROM_CORPUS = {"corpus_shards"} | FROM_STATS
@@ -42,7 +46,7 @@ SUMMARY_JOBS = {"summaries", "kde", "kurtosis_vs_m", "figure_kurtosis_vs_m", "fi
                 "figure_kurtosis_vs_size", "figure_kde", "figure_kde_across_models", "figure_angles", "all"}
 FEWER_LAYERS = {"summaries", "kde", "top_pairs", "kurtosis_vs_m", "figure_heatmaps", "figure_kurtosis_vs_m",
                 "figure_kde", "figure_kde_across_models", "figure_angles", "figure_kurtosis_vs_layer",
-                "figure_kurtosis_vs_size", "all"}
+                "figure_kurtosis_vs_size", "convergence", "figure_convergence", "all"}
 
 # config key -> (changes to apply as {dotted path: value}, rules that must rerun). "{tmp}" is the run's folder.
 CONFIG_CHANGES = {
@@ -65,7 +69,10 @@ CONFIG_CHANGES = {
     "models.*.layer_block_size": ({"models.tiny.layer_block_size": 1}, set()),
     # importing the tiny run's own C in ROME's layout: a new key_scale job, and covariance on reads the imported files
     "models.*.statistics.source": ({"models.tiny.statistics.source": "rome_npz",
-                                    "models.tiny.statistics.path": "{tmp}/rome-in"}, {"key_scale"} | FROM_COVARIANCE),
+                                    "models.tiny.statistics.path": "{tmp}/rome-in"},
+                                   # imported statistics have no corpus segments: no ladder, no jackknife
+                                   {"key_scale"} | FROM_COVARIANCE - {"resampling", "convergence",
+                                                                      "figure_convergence"}),
     "models.*.statistics.path": ({"models.tiny.statistics.path": "{tmp}/rome-in"}, set()),  # ignored when computed
     "models.*.statistics.n_tokens": ({"models.tiny.statistics.n_tokens": 1000}, set()),  # ignored when computed
     "layers": ({"layers": [0, 1]}, FEWER_LAYERS),
@@ -75,6 +82,7 @@ CONFIG_CHANGES = {
     "corpus.dataset_config": ({"corpus.dataset_config": "20220301.en"}, set()),
     "corpus.text_field": ({"corpus.text_field": "body"}, set()),
     "corpus.n_documents": ({"corpus.n_documents": 30}, FROM_CORPUS),
+    "corpus.n_tokens": ({"corpus.n_tokens": 500}, FROM_CORPUS),
     "corpus.seed": ({"corpus.seed": 2}, FROM_CORPUS),
     "corpus.max_length": ({"corpus.max_length": 40}, FROM_CORPUS),
     "corpus.max_length_cap": ({"corpus.max_length_cap": 40}, set()),  # ignored: the tiny run sets max_length
@@ -97,6 +105,14 @@ CONFIG_CHANGES = {
     "stats.max_batch_size": ({"stats.max_batch_size": 8}, set()),
     "stats.checkpoint_every": ({"stats.checkpoint_every": 3}, set()),
     "stats.layer_block_size": ({"stats.layer_block_size": 1}, set()),
+    "stats.corpus_blocks": ({"stats.corpus_blocks": 4}, FROM_STATS),
+    "convergence.tolerance": ({"convergence.tolerance": 0.1}, {"convergence", "figure_convergence", "all"}),
+    "convergence.confidence": ({"convergence.confidence": 0.9}, RESAMPLING),
+    "convergence.top_pairs": ({"convergence.top_pairs": 3}, RESAMPLING),
+    "convergence.null_space_threshold": ({"convergence.null_space_threshold": 1e-3}, RESAMPLING),
+    "convergence.null_space_relative": ({"convergence.null_space_relative": 1e-2}, RESAMPLING),
+    "convergence.m_resamples": ({"convergence.m_resamples": 3}, {"kurtosis_vs_m", "figure_kurtosis_vs_m", "all"}),
+    "convergence.seed": ({"convergence.seed": 1}, {"kurtosis_vs_m", "figure_kurtosis_vs_m", "all"}),
     "whitening.ridge": ({"whitening.ridge": 0.1}, FROM_WHITENING),
     "matrices.top_pairs": ({"matrices.top_pairs": 3}, {"top_pairs", "all"}),
     "summaries.kde_grid": ({"summaries.kde_grid": [-2.0, 2.0, 401]}, KDE),
@@ -130,10 +146,11 @@ MODULE_CHANGES = {
     "facts": FROM_SELECTION, "jobs/facts": FROM_SELECTION,
     "keys": FROM_SELECTION,  # jobs/facts imports it for the predictions, so known_facts reruns with them
     "jobs/keys": FROM_KEYS,
-    "matrices": {"matrices", "kurtosis_vs_m", "lifelong_edit"} | PRESENT_MATRICES | FIGURES,
+    "matrices": {"matrices", "kurtosis_vs_m", "lifelong_edit"} | PRESENT_MATRICES | FIGURES | RESAMPLING,
     "jobs/matrices": {"matrices"} | PRESENT_MATRICES,
     "jobs/top_pairs": {"top_pairs", "all"},
-    "summaries": {"summaries", "kde", "kurtosis_vs_m"} | FIGURES,
+    "summaries": {"summaries", "kde", "kurtosis_vs_m"} | FIGURES | RESAMPLING,
+    "resampling": SUMMARY_JOBS | RESAMPLING, "jobs/resampling": RESAMPLING,
     "jobs/summaries": SUMMARY_JOBS,
     "plots": FIGURES, "jobs/figures": FIGURES,
     "editing": EDITING, "jobs/editing": EDITING,

@@ -70,10 +70,23 @@ def test_bigger_models_and_blocks_get_more_memory_and_time():
     assert layers["whitening"]["mem_mb"] * 1e6 >= 6 * 13824**2 * 8  # eigh's copies of a float64 d_m x d_m
     assert sizing.shard_tokens({"n_documents": 100, "max_length": 50}, 4) == 1250
     assert sizing.shard_tokens({"n_documents": 100}, 4, corpus_manifest={"corpus_tokens": 1001}) == 251
+    assert sizing.shard_tokens({"n_documents": 100, "n_tokens": 10_001}, 4) == 2501  # a budget decides
 
 
-def test_readme_states_the_paper_configs_sizes():
-    """profiles/slurm/README.md shows this table, computed from config/paper.yaml (regenerate it on a change)."""
-    table = sizing.config_table(yaml.safe_load((REPO / "config" / "paper.yaml").read_text()), 80)
-    print(table)
-    assert table in (REPO / "profiles" / "slurm" / "README.md").read_text()
+@pytest.mark.parametrize("tokens, blocks, d_m", [(52_879, 8, 1536), (1_070_000, 8, 1536), (52_025, 8, 2048),
+                                                  (5_000, 8, 2048), (900, 1, 48), (10**9, 10, 13824)])
+def test_the_segment_count_is_the_one_the_corpus_cuts(tokens, blocks, d_m):
+    from superposition import corpus
+
+    assert sizing.n_segments(tokens, blocks, d_m) == len(corpus.segment_targets(tokens, blocks, d_m)[0]) + 1
+
+
+def test_kept_corpus_segments_cost_host_memory_of_one_segment_only():
+    """Finished segments go to their own files (stats.FinishedSegments): host memory grows by one packed segment
+    (d_m^2 / 2 float64 per layer), not by the 21 segments a billion tokens of Llama-2-13B are cut into."""
+    wide = sizing.ModelSize("wide", 1e9, 40, 13824, "config")  # its float64 sums outweigh its weights on the host
+    one, eight, many = (sizing.stats_job(wide, 10, tokens, sizing.StatsSettings(corpus_blocks=b))
+                        for b, tokens in ((1, 10**9), (8, 10**9), (8, 10**10)))
+    assert sizing.n_segments(10**9, 8, 13824) == 21
+    assert eight["mem_mb"] - one["mem_mb"] == pytest.approx(10 * 13824**2 * 4 / 1e6, abs=100)
+    assert many["mem_mb"] == eight["mem_mb"]

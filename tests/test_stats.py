@@ -465,14 +465,25 @@ def test_killed_job_resumes_to_an_identical_result(tmp_path, undisturbed_sums, c
         assert np.array_equal(a[key], c[key])  # no checkpoint file: the same products, the same bits
 
 
-@pytest.mark.parametrize("damage", ["drop_last_layer", "truncate"])
+@pytest.mark.parametrize("damage", ["drop_last_layer", "truncate", "spilled_segment", "missing_segment"])
 def test_a_damaged_checkpoint_is_restored_whole_or_not_at_all(damage, tmp_path, undisturbed_sums, capsys):
-    """A checkpoint whose later layer cannot be read must not leave the earlier layers' sums restored."""
+    """A checkpoint whose later layer, or one of whose finished segments (each in its own file beside it), cannot
+    be read must not leave the earlier layers' or segments' sums restored."""
     ckpt, out = tmp_path / "ckpt.h5", tmp_path / "out.h5"
     killed_run(tmp_path, out, ckpt)
+    spilled = sorted(tmp_path.glob("ckpt.h5.segment-*.h5"))
+    with h5py.File(ckpt) as f:
+        assert [p.name for p in spilled] == [f"ckpt.h5.segment-{s}.h5" for s in json.loads(f.attrs["segments"])]
+    assert spilled  # the kill came after the first segment was finished
     if damage == "drop_last_layer":
         with h5py.File(ckpt, "a") as f:
             del f["layer_2"]
+    elif damage == "spilled_segment":
+        data = bytearray(spilled[-1].read_bytes())
+        data[len(data) // 2:len(data) // 2 + 64] = bytes(64)  # zeros inside the last layer's sums
+        spilled[-1].write_bytes(bytes(data))
+    elif damage == "missing_segment":
+        spilled[0].unlink()
     else:
         data = ckpt.read_bytes()
         ckpt.write_bytes(data[: len(data) * 2 // 3])
@@ -484,6 +495,7 @@ def test_a_damaged_checkpoint_is_restored_whole_or_not_at_all(damage, tmp_path, 
     assert na == nb
     for key in b:
         assert np.array_equal(a[key], b[key]), key
+    assert not list(tmp_path.glob("ckpt.h5*"))  # checkpoint and spilled segments are gone with the output
 
 
 def test_a_signalled_job_stops_at_its_next_checkpoint_and_resumes_to_the_same_bits(tmp_path, undisturbed_sums,

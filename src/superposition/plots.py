@@ -106,11 +106,25 @@ def kde_across_models(grid: np.ndarray, curves: Sequence[tuple[str, np.ndarray]]
     save(fig, png, pdf, dpi)
 
 
-def kurtosis_vs_layer(series: Sequence[tuple[str, np.ndarray, np.ndarray]], png, pdf, dpi: int) -> None:
-    """The paper's Fig. 5: excess kurtosis of off-diagonal P per layer, one line per model (legend by size)."""
+def _interval_errors(values: np.ndarray, low: np.ndarray | None, high: np.ndarray | None) -> np.ndarray | None:
+    """Asymmetric error bars (2 x n) from an interval; None where there is none (imported statistics)."""
+    if low is None or high is None or not np.isfinite(low).any():
+        return None
+    return np.vstack([values - low, high - values])
+
+
+def kurtosis_vs_layer(series: Sequence[tuple], png, pdf, dpi: int, confidence: float | None = None) -> None:
+    """The paper's Fig. 5: excess kurtosis of off-diagonal P per layer, one line per model (legend by size).
+
+    ``series``: (label, layers, kurtosis[, interval low, interval high]): the jackknife interval as error bars.
+    """
     fig, ax = plt.subplots(figsize=(6.0, 3.6))
-    for label, layers, kurt in series:
-        ax.plot(layers, kurt, marker="o", ms=3, lw=1.2, label=label)
+    for label, layers, kurt, *interval in series:
+        errors = _interval_errors(kurt, *interval) if interval else None
+        ax.errorbar(layers, kurt, yerr=errors, marker="o", ms=3, lw=1.2, capsize=2, elinewidth=0.8, label=label)
+    if confidence is not None:
+        ax.text(0.99, 0.97, f"error bars: {100 * confidence:g}% jackknife interval over corpus blocks",
+                transform=ax.transAxes, ha="right", va="top", fontsize=7, color="0.3")
     ax.set_xlabel("layer")
     ax.set_ylabel("excess kurtosis of off-diagonal P")
     ax.set_title("Kurtosis of the superposition distribution by layer")
@@ -141,12 +155,15 @@ def angle_distributions(panels: Sequence[tuple[str, np.ndarray, np.ndarray, np.n
     save(fig, png, pdf, dpi)
 
 
-def kurtosis_vs_m(series: Sequence[tuple[str, np.ndarray, np.ndarray]], model: str, png, pdf, dpi: int) -> None:
-    """Kurtosis of off-diagonal P against the number of facts m, one line per layer (appendix C of the paper)."""
+def kurtosis_vs_m(series: Sequence[tuple], model: str, png, pdf, dpi: int) -> None:
+    """Kurtosis of off-diagonal P against the number of facts m, one line per layer (appendix C of the paper): the
+    first m facts, and (``series`` items (label, m, kurtosis[, q2.5, q97.5])) the middle 95% over random subsets."""
     fig, ax = plt.subplots(figsize=(5.6, 3.6))
     ticks: set[int] = set()
-    for label, ms, kurt in series:
-        ax.plot(ms, kurt, marker="o", ms=3, lw=1.2, label=label)
+    for label, ms, kurt, *spread in series:
+        line, = ax.plot(ms, kurt, marker="o", ms=3, lw=1.2, label=label)
+        if spread and np.isfinite(spread[0]).any():  # the middle 95% over random fact subsets
+            ax.fill_between(ms, spread[0], spread[1], color=line.get_color(), alpha=0.15, lw=0)
         ticks.update(int(m) for m in ms)
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted(ticks), [str(t) for t in sorted(ticks)])
@@ -158,11 +175,13 @@ def kurtosis_vs_m(series: Sequence[tuple[str, np.ndarray, np.ndarray]], model: s
     save(fig, png, pdf, dpi)
 
 
-def kurtosis_vs_size(points: Sequence[tuple[str, str, float, float, float]], png, pdf, dpi: int) -> None:
+def kurtosis_vs_size(points: Sequence[tuple], png, pdf, dpi: int) -> None:
     """Kurtosis against parameter count, one line per family (a family's sizes joined), two panels:
     the first analysed layer and the mean over all analysed layers.
 
-    ``points``: (family, label, params in millions, first-layer kurtosis, mean kurtosis over layers).
+    ``points``: (family, label, params in millions, first-layer kurtosis, mean kurtosis over layers[, first-layer
+    interval half-width, mean of the layers' half-widths]): error bars (NaN: none). The mean's bar is an upper bound:
+    the spread of a mean of correlated statistics is at most the mean of their spreads.
     """
     fig, axes = plt.subplots(1, 2, figsize=(8.0, 3.4), squeeze=False)
     families = sorted({p[0] for p in points})
@@ -170,7 +189,9 @@ def kurtosis_vs_size(points: Sequence[tuple[str, str, float, float, float]], png
         mine = sorted((p for p in points if p[0] == family), key=lambda p: p[2])
         x = [p[2] * 1e6 for p in mine]
         for ax, column in zip(axes.flat, (3, 4)):
-            ax.plot(x, [p[column] for p in mine], marker="o", lw=1.2, label=family)
+            half = [p[column + 2] if len(p) > 6 else np.nan for p in mine]
+            ax.errorbar(x, [p[column] for p in mine], yerr=None if np.all(np.isnan(half)) else half, marker="o",
+                        lw=1.2, capsize=2, elinewidth=0.8, label=family)
             for p in mine:
                 ax.annotate(p[1], (p[2] * 1e6, p[column]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     sizes = sorted({p[2] for p in points})
@@ -241,4 +262,60 @@ def interference_scatter(predicted: np.ndarray, logp_drop: np.ndarray, forgotten
     ax.legend(loc="upper left")
     ax.set_title(f"{title}\nSpearman ρ = {separation['spearman_rho']:.2f} (n = {len(predicted)}), "
                  f"AUC forgotten vs kept = {separation['auc_forgotten_vs_kept']:.2f}")
+    save(fig, png, pdf, dpi)
+
+
+CONVERGENCE_PANELS = (
+    ("P_excess_kurtosis", "excess kurtosis of off-diagonal P", "linear"),
+    ("P_std", "std of off-diagonal P", "linear"),
+    ("W_angle_mean_deg", "mean whitening angle (degrees)", "linear"),
+    ("top_pairs_overlap", "overlap of the top pairs with the full corpus's", "linear"),
+    ("P_relative_change", "||P_N - P|| / ||P||", "log"),
+    ("C_relative_change", "||C_N - C|| / ||C||", "log"),
+    ("condition_number", "condition number of C", "log"),
+    ("null_space_fraction", "null-space share of d_m (AlphaEdit's threshold; dashed: relative)", "linear"),
+)
+
+
+def layer_groups(layers: Sequence[int], n_groups: int = 3) -> list[list[int]]:
+    """The analysed layers cut into at most ``n_groups`` contiguous groups (early, middle, late)."""
+    layers = sorted(layers)
+    n = min(n_groups, len(layers))
+    return [list(part) for part in np.array_split(np.asarray(layers), n)] if n else []
+
+
+def convergence(rows: Sequence[dict[str, float]], d_m: int, model: str, png, pdf, dpi: int,
+                marks: Sequence[tuple[float, str]] = ()) -> None:
+    """The convergence ladder: one panel per statistic against tokens per key dimension N / d_m (log), a line per
+    group of layers (the median over the group's layers at each N; the band: their range)."""
+    layers = sorted({int(r["layer"]) for r in rows})
+    fig, axes = plt.subplots(2, 4, figsize=(13.0, 6.0), squeeze=False)
+    for ax, (name, label, scale) in zip(axes.flat, CONVERGENCE_PANELS):
+        for group in layer_groups(layers):
+            mine = [r for r in rows if int(r["layer"]) in group]
+            x = np.array(sorted({float(r["tokens_per_dim"]) for r in mine}))
+
+            def values(column, mine=mine, x=x):
+                return np.array([[float(r[column]) / (d_m if column.startswith("null_space") else 1.0)
+                                  for r in mine if int(r["layer"]) == layer] for layer in group])
+
+            columns = ("null_space_dim", "null_space_dim_relative") if name == "null_space_fraction" else (name,)
+            text = f"layers {group[0]}-{group[-1]}" if len(group) > 1 else f"layer {group[0]}"
+            for column, style in zip(columns, ("-", "--")):
+                v = values(column)
+                with np.errstate(all="ignore"):
+                    line, = ax.plot(x, np.nanmedian(v, axis=0), style, marker="o", ms=2.5, lw=1.2,
+                                    label=text if style == "-" else None)
+                    ax.fill_between(x, np.nanmin(v, axis=0), np.nanmax(v, axis=0), color=line.get_color(),
+                                    alpha=0.12, lw=0)
+        for value, text in marks:
+            ax.axvline(value, color="0.5", lw=0.7, ls=":")
+        ax.set_xscale("log")
+        ax.set_yscale(scale)
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("tokens per key dimension, N / d_m")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), frameon=False)
+    marks_text = "; ".join(f"{text} at N/d_m = {value:.3g}" for value, text in marks)
+    fig.suptitle(f"{model}: statistics of nested corpus prefixes (dotted: {marks_text})", fontsize=10)
     save(fig, png, pdf, dpi)

@@ -109,12 +109,21 @@ class StatsSettings:
     model_dtype: str = "float32"
     gram_dtype: str = "float32"
     max_tokens_per_batch: int = 4096
+    corpus_blocks: int = 8
 
     @classmethod
     def from_config(cls, stats: dict | None) -> "StatsSettings":
         stats = stats or {}
         return cls(stats.get("model_dtype", "float32"), stats.get("gram_dtype", "float32"),
-                   int(stats.get("max_tokens_per_batch", 4096)))
+                   int(stats.get("max_tokens_per_batch", 4096)), int(stats.get("corpus_blocks", 8)))
+
+
+def n_segments(tokens_total: int, corpus_blocks: int, d_m: int) -> int:
+    """Corpus segments (superposition.corpus.segment_targets): the blocks and the halvings of the first down to d_m."""
+    if corpus_blocks <= 1:
+        return 1
+    halvings = max(0, int(math.floor(math.log2(max(1.0, tokens_total / corpus_blocks / d_m)))))
+    return corpus_blocks + halvings
 
 
 def stats_gpu_bytes(size: ModelSize, block_layers: int, stats: StatsSettings = StatsSettings()) -> dict[str, int]:
@@ -162,6 +171,8 @@ def shard_tokens(corpus: dict, n_shards: int, context_length: int | None = None,
     """Tokens of one corpus shard: counted when the corpus is tokenised, else n_documents x tokens per document."""
     if corpus_manifest and corpus_manifest.get("corpus_tokens"):
         return int(math.ceil(corpus_manifest["corpus_tokens"] / n_shards))
+    if corpus.get("n_tokens"):  # a token budget: the corpus holds that many (and up to one document more)
+        return int(math.ceil(corpus["n_tokens"] / n_shards))
     per_doc = corpus.get("max_length") or context_length or DEFAULT_TOKENS_PER_DOCUMENT
     documents = corpus.get("n_documents") or DEFAULT_DOCUMENTS
     return int(math.ceil(documents * per_doc / n_shards))
@@ -185,7 +196,10 @@ def stats_job(size: ModelSize, block_layers: int, tokens: int, stats: StatsSetti
     layer (2 x params flops a token, at most the whole model) plus the Gram products (2 x d_m^2 a token and layer),
     twice over for the padding and the hooks.
     """
-    host = MODEL_JOB_BASE + max(size.params * 4, (block_layers + 3) * size.d_m**2 * 8)
+    # a finished segment's packed sums (d_m^2 / 2 float64 a layer) pass through the host on their way to their own
+    # file beside the checkpoint: one segment at a time, however many the corpus is cut into
+    segment = block_layers * size.d_m**2 * 4 if stats.corpus_blocks > 1 else 0
+    host = MODEL_JOB_BASE + max(size.params * 4, (block_layers + 3) * size.d_m**2 * 8 + segment)
     flops = GPU_FLOPS if stats.model_dtype != "float32" else GPU_FLOPS_FP32
     seconds = 2 * tokens * (2 * size.params / flops + block_layers * 2 * size.d_m**2 / GPU_FLOPS_FP32)
     return {"mem_mb": _mb(host), "runtime": _minutes(seconds + size.params * 4 / DISK_BYTES_PER_S)}
@@ -202,8 +216,9 @@ def corpus_job(size: ModelSize, tokens_total: int) -> dict[str, int]:
     return {"mem_mb": _mb(MODEL_JOB_BASE + tokens_total * 8 * 3), "runtime": _minutes(tokens_total * 20e-6)}
 
 
-def layer_jobs(size: ModelSize, n_shards: int) -> dict[str, dict[str, int]]:
-    """covariance, whitening and matrices of one layer: host memory (MB) and runtime (minutes) each."""
+def layer_jobs(size: ModelSize, n_shards: int, segments: int = 16) -> dict[str, dict[str, int]]:
+    """covariance, whitening, matrices and resampling of one layer: host memory (MB) and runtime (minutes) each;
+    ``segments``: the corpus segments of the statistics (n_segments)."""
     square = size.d_m**2 * 8  # one float64 d_m x d_m matrix
     return {
         # the running sum, the shard being read and the written C
@@ -215,6 +230,11 @@ def layer_jobs(size: ModelSize, n_shards: int) -> dict[str, dict[str, int]]:
         # W (d_m x d_m) read, the m keys whitened: a few d_m^2 products
         "matrices": {"mem_mb": _mb(NUMPY_JOB_BASE + 3 * square),
                      "runtime": _minutes(2 * square / DISK_BYTES_PER_S + 512 * size.d_m**2 * 2 / CPU_FLOPS)},
+        # every segment (packed, half a square) and block sum of the layer, a few full squares; a Cholesky (d_m^3 / 3
+        # flops) per replicate and an eigendecomposition per ladder point
+        "resampling": {"mem_mb": _mb(NUMPY_JOB_BASE + 2 * segments * square / 2 + 6 * square),
+                       "runtime": _minutes(segments * square / 2 / DISK_BYTES_PER_S
+                                           + 2 * segments * 10 * size.d_m**3 / CPU_FLOPS)},
     }
 
 

@@ -331,41 +331,98 @@ def segment_batches(lengths: Sequence[int], segments: Sequence[int], max_tokens:
 @dataclass
 class FinishedSegments:
     """Segments whose sums are complete: per segment its id, jackknife block, token count and per layer the packed
-    upper triangle of its float64 sum (held on the host)."""
+    upper triangle of its float64 sum. With ``spill_prefix`` (a job with a checkpoint file) each finished segment
+    is written at once to its own file beside the checkpoint, so host memory holds one segment at most and a
+    checkpoint never rewrites the finished ones; without, they stay in memory."""
 
+    spill_prefix: str | None = None
+    plan: str = ""
     ids: list[int] = field(default_factory=list)
     blocks: list[int] = field(default_factory=list)
     counts: list[int] = field(default_factory=list)
     sums: dict[int, list[np.ndarray]] = field(default_factory=dict)
 
+    def spill_path(self, segment: int) -> Path:
+        return Path(f"{self.spill_prefix}.segment-{segment}.h5")
+
     def close(self, accumulator: "GramAccumulator", segment: int, block: int, count: int) -> None:
         """Move the accumulator's sums (all of this segment's tokens, flushed) here and zero them."""
         accumulator.flush()
+        packed = {}
         for layer in accumulator.layers:
             S = accumulator.sums[layer]
-            self.sums.setdefault(layer, []).append(pack_upper(S.cpu().numpy()))
+            packed[layer] = pack_upper(S.cpu().numpy())
             S.zero_()
+        if self.spill_prefix:
+            write_h5(self.spill_path(segment), {f"layer_{layer}": values for layer, values in packed.items()},
+                     {"plan": self.plan, "segment": int(segment), "block": int(block), "count": int(count)})
+        else:
+            for layer, values in packed.items():
+                self.sums.setdefault(layer, []).append(values)
         self.ids.append(int(segment))
         self.blocks.append(int(block))
         self.counts.append(int(count))
 
+    def each(self, layers: Sequence[int]):
+        """(index, {layer: packed sum}) of every finished segment, reading a spilled one at a time."""
+        for i, segment in enumerate(self.ids):
+            if not self.spill_prefix:
+                yield i, {layer: self.sums[layer][i] for layer in layers}
+                continue
+            with h5py.File(self.spill_path(segment), "r") as f:
+                yield i, {layer: f[f"layer_{layer}"][()] for layer in layers}
+
+    def restore(self, ids: Sequence[int], blocks: Sequence[int], counts: Sequence[int], layers: Sequence[int],
+                d_m: dict[int, int]) -> str | None:
+        """Take over the finished segments a checkpoint names; their spilled files are read whole and checked
+        first. Returns what is wrong (nothing restored) or None."""
+        for segment, block, count in zip(ids, blocks, counts):
+            path = self.spill_path(segment)
+            try:
+                with h5py.File(path, "r") as f:
+                    attrs = get_attrs(f)
+                    if (attrs.get("plan"), attrs.get("segment"), attrs.get("count")) != (self.plan, segment, count):
+                        return f"{path} belongs to another plan or segment"
+                    for layer in layers:
+                        values = f[f"layer_{layer}"][()]  # Fletcher-32 checked
+                        width = d_m[layer] * (d_m[layer] + 1) // 2
+                        if values.shape != (width,) or not np.isfinite(values).all():
+                            return f"{path}: layer {layer}'s sum has shape {values.shape} or non-finite values"
+            except (OSError, KeyError, ValueError, TypeError) as err:
+                return f"{path} cannot be read ({type(err).__name__}: {err})"
+        self.ids, self.blocks, self.counts = [int(v) for v in ids], [int(v) for v in blocks], [int(v) for v in counts]
+        return None
+
+    def remove_spilled(self) -> None:
+        if self.spill_prefix:
+            for segment in self.ids:
+                self.spill_path(segment).unlink(missing_ok=True)
+
 
 def _save_sums(path, accumulator: GramAccumulator, finished: FinishedSegments, record: dict[str, Any],
                final: bool) -> None:
-    """Final outputs hold one packed sum per segment and layer; checkpoints also the accumulator exactly as it is
-    (flushed: the current segment's partial sums)."""
+    """Final outputs hold one packed sum per segment and layer, in corpus order; checkpoints the accumulator exactly
+    as it is (flushed: the current segment's partial sums) and the list of finished segments (their sums are in
+    their own files)."""
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             set_attrs(f, {**record, "count": accumulator.count, "layers": accumulator.layers,
                           "segments": finished.ids, "segment_blocks": finished.blocks,
                           "segment_tokens": finished.counts})
-            for layer in accumulator.layers:
-                if finished.ids:
-                    f.create_dataset(f"layer_{layer}/segment_sums", data=np.stack(finished.sums[layer]),
-                                     chunks=(1, len(finished.sums[layer][0])), **CHECKSUM)
-                if not final:
+            if not final:
+                for layer in accumulator.layers:
                     f.create_dataset(f"layer_{layer}/partial", data=accumulator.sums[layer].cpu().numpy(),
                                      **CHECKSUM)
+                return
+            datasets = {}
+            for layer in accumulator.layers:
+                d = accumulator.sums[layer].shape[0]
+                width = d * (d + 1) // 2
+                datasets[layer] = f.create_dataset(f"layer_{layer}/segment_sums", shape=(len(finished.ids), width),
+                                                   dtype=np.float64, chunks=(1, width), **CHECKSUM)
+            for i, packed in finished.each(accumulator.layers):
+                for layer, values in packed.items():
+                    datasets[layer][i] = values
 
 
 def _load_checkpoint(path, accumulator: GramAccumulator, finished: FinishedSegments, plan: str) -> int:
@@ -383,26 +440,23 @@ def _load_checkpoint(path, accumulator: GramAccumulator, finished: FinishedSegme
                 print(f"{path} is a checkpoint of another plan (batches, layers, segments or grouping): not resumed")
                 return 0
             partial = {layer: f[f"layer_{layer}/partial"][()] for layer in accumulator.layers}
-            ids = [int(v) for v in attrs["segments"]]
-            segment_sums = {layer: list(f[f"layer_{layer}/segment_sums"][()]) if ids else []
-                            for layer in accumulator.layers}
+            ids, blocks, counts = attrs["segments"], attrs["segment_blocks"], attrs["segment_tokens"]
             count, next_batch = int(attrs["count"]), int(attrs["next_batch"])
-            blocks, counts = [int(v) for v in attrs["segment_blocks"]], [int(v) for v in attrs["segment_tokens"]]
     except (OSError, KeyError, ValueError, TypeError) as err:
         print(f"{path} is damaged ({type(err).__name__}: {err}): not resumed, starting from batch 0")
         return 0
+    widths = {layer: accumulator.sums[layer].shape[0] for layer in accumulator.layers}
     for layer, values in partial.items():
-        d = accumulator.sums[layer].shape[0]
-        packed_ok = all(v.shape == (d * (d + 1) // 2,) and np.isfinite(v).all() for v in segment_sums[layer])
-        if values.shape != (d, d) or not np.isfinite(values).all() or not packed_ok \
-                or len(segment_sums[layer]) != len(ids):
-            print(f"{path}: layer {layer}'s sums have the wrong shape or non-finite values: not resumed, "
+        if values.shape != (widths[layer], widths[layer]) or not np.isfinite(values).all():
+            print(f"{path}: layer {layer}'s sum has shape {values.shape} or non-finite values: not resumed, "
                   f"starting from batch 0")
             return 0
+    problem = finished.restore(ids, blocks, counts, accumulator.layers, widths)
+    if problem:
+        print(f"{problem}: not resumed, starting from batch 0")
+        return 0
     for layer, values in partial.items():
         accumulator.sums[layer].copy_(torch.from_numpy(values))
-        finished.sums[layer] = segment_sums[layer]
-    finished.ids, finished.blocks, finished.counts = ids, blocks, counts
     accumulator.count = count
     return next_batch
 
@@ -483,11 +537,11 @@ def collect_second_moments(
               f"{max_tokens} (the longest {longest} tokens): each is a batch of its own, whole "
               f"({attention} attention)")
     accumulator = GramAccumulator(model, list(layers), gram_dtype, gram_tokens)
-    finished = FinishedSegments()
     # The plan names the batches, layers, segments, accumulator layout and the grouping of tokens into Gram products
     # (which moves the float32 rounding): a checkpoint of another plan is never resumed.
     plan = (plan_digest(lengths, batches, accumulator.layers, [*segments, -1, *segment_blocks])
             + f"-upper-g{accumulator.gram_tokens}-c{checkpoint_every}")
+    finished = FinishedSegments(str(checkpoint_path) if checkpoint_path else None, plan)
     start = 0
     if checkpoint_path and Path(checkpoint_path).exists():
         start = _load_checkpoint(checkpoint_path, accumulator, finished, plan)
@@ -549,6 +603,7 @@ def collect_second_moments(
     _save_sums(out_path, accumulator, finished, summary, final=True)
     if checkpoint_path and Path(checkpoint_path).exists():
         Path(checkpoint_path).unlink()
+    finished.remove_spilled()
     print(f"{total} tokens, {len(accumulator.layers)} layers, {len(finished.ids)} segments, {elapsed:.1f} s, "
           f"{throughput:.0f} tokens/s")
     return summary

@@ -112,6 +112,21 @@ def kurtosis_vs_m(K: np.ndarray, cholesky: np.ndarray, m_values: Sequence[int]) 
     return out
 
 
+def kurtosis_of_fact_subsets(K: np.ndarray, cholesky: np.ndarray, m: int, n_subsets: int,
+                             rng: np.random.Generator) -> np.ndarray:
+    """Excess kurtosis of off-diagonal P for ``n_subsets`` random m-subsets of the keys (without replacement):
+    the spread of the m-study over which facts were chosen. G of the whole pool is formed once; a subset's P is
+    its rows and columns of G divided by their diagonal."""
+    from .matrices import gram_whitened, p_matrix
+
+    G = gram_whitened(K, cholesky)
+    values = np.empty(n_subsets)
+    for i in range(n_subsets):
+        pick = np.sort(rng.choice(len(K), size=m, replace=False))
+        values[i] = excess_kurtosis(off_diagonal(p_matrix(G[np.ix_(pick, pick)])))
+    return values
+
+
 def interference_separation(relative_interference: np.ndarray, logp_drop: np.ndarray,
                             forgotten: np.ndarray) -> dict[str, float]:
     """How well the predicted interference on each retained fact tells the ones the model forgot.

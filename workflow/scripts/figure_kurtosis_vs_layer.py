@@ -9,4 +9,5 @@ figure_kurtosis_vs_layer(
     snakemake.output.png,
     snakemake.output.pdf,
     cfg["plots"]["dpi"],
+    cfg["convergence"]["confidence"],
 )

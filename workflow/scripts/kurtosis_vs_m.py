@@ -9,4 +9,6 @@ kurtosis_vs_m(
     snakemake.params.layers,
     cfg["summaries"]["m_values"],
     snakemake.output[0],
+    cfg["convergence"]["m_resamples"],
+    cfg["convergence"]["seed"],
 )

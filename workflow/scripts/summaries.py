@@ -8,4 +8,5 @@ summaries(
     snakemake.params.layers,
     snakemake.input.selection,
     snakemake.output[0],
+    list(snakemake.input.resampling),
 )

@@ -84,14 +84,20 @@ def figure_angles(model_jsons: Sequence[str], kde_paths: Sequence[str], sizes: d
 
 
 def figure_kurtosis_vs_layer(model_jsons: Sequence[str], tables: Sequence[str], sizes: dict, png: str, pdf: str,
-                             dpi: int) -> None:
+                             dpi: int, confidence: float | None = None) -> None:
     """Fig. 5: excess kurtosis of off-diagonal P by layer, every model."""
     def read(manifest, label, path):
         rows = read_table(path)
         return (label, np.array([int(r["layer"]) for r in rows]),
-                np.array([float(r["P_excess_kurtosis"]) for r in rows]))
+                np.array([float(r["P_excess_kurtosis"]) for r in rows]),
+                *(_column(rows, f"P_excess_kurtosis_{part}") for part in ("ci_low", "ci_high")))
 
-    plots.kurtosis_vs_layer(_by_size(model_jsons, tables, sizes, read), png, pdf, dpi)
+    plots.kurtosis_vs_layer(_by_size(model_jsons, tables, sizes, read), png, pdf, dpi, confidence)
+
+
+def _column(rows: Sequence[dict[str, str]], name: str) -> np.ndarray:
+    """A float column of a table; NaN where it is empty or absent (no interval for imported statistics)."""
+    return np.array([float(r[name]) if r.get(name) not in (None, "") else np.nan for r in rows])
 
 
 def figure_kurtosis_vs_size(model_jsons: Sequence[str], tables: Sequence[str], sizes: dict, png: str, pdf: str,
@@ -99,8 +105,11 @@ def figure_kurtosis_vs_size(model_jsons: Sequence[str], tables: Sequence[str], s
     points = []
     for model_json, table in zip(model_jsons, tables):
         manifest, _, params = _model(model_json, sizes)
-        kurt = [float(r["P_excess_kurtosis"]) for r in read_table(table)]
-        points.append((manifest["family"], manifest["name"], params, kurt[0], float(np.mean(kurt))))
+        rows = read_table(table)
+        kurt = _column(rows, "P_excess_kurtosis")
+        half = (_column(rows, "P_excess_kurtosis_ci_high") - _column(rows, "P_excess_kurtosis_ci_low")) / 2
+        points.append((manifest["family"], manifest["name"], params, kurt[0], float(np.mean(kurt)), half[0],
+                       float(np.mean(half))))
     plots.kurtosis_vs_size(points, png, pdf, dpi)
 
 
@@ -110,7 +119,8 @@ def figure_kurtosis_vs_m(model_json: str, table: str, sizes: dict, png: str, pdf
     for layer in sorted({int(r["layer"]) for r in rows}):
         sel = [r for r in rows if int(r["layer"]) == layer]
         series.append((f"layer {layer}", np.array([int(r["m"]) for r in sel]),
-                       np.array([float(r["P_excess_kurtosis"]) for r in sel])))
+                       np.array([float(r["P_excess_kurtosis"]) for r in sel]),
+                       _column(sel, "subsets_q025"), _column(sel, "subsets_q975")))
     plots.kurtosis_vs_m(series, _model(model_json, sizes)[1], png, pdf, dpi)
 
 
@@ -148,3 +158,12 @@ def figure_editing(model_json: str, steps_tsv: str, facts_tsv: str, layer: int, 
     write_table(separation_tsv, [row], list(row))
     print(", ".join(f"{k} {v}" for k, v in row.items()))
     plots.interference_scatter(interference, logp_drop, forgotten, separation, title, scatter_png, scatter_pdf, dpi)
+
+
+def figure_convergence(model_json: str, ladder_tsv: str, sizes: dict, png: str, pdf: str, dpi: int) -> None:
+    """The convergence ladder of one model, marked at FastMEMIT's 10 d_k and at this run's N."""
+    manifest, label, _ = _model(model_json, sizes)
+    rows = read_table(ladder_tsv)
+    full = max(float(r["tokens_per_dim"]) for r in rows)
+    plots.convergence(rows, manifest["d_m"], label, png, pdf, dpi,
+                      marks=[(10.0, "FastMEMIT's 10 d_k keys"), (full, "this run's N")])

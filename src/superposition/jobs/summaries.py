@@ -9,9 +9,10 @@ import numpy as np
 from .. import keys as keys_mod
 from .. import matrices as matrices_mod
 from .. import models
+from .. import resampling as rs
 from .. import summaries as summ
 from .. import whitening as whitening_mod
-from ..provenance import environment, read_json, write_table
+from ..provenance import ProvenanceError, environment, read_json, write_table
 
 ANGLE_GRID_DEG = np.linspace(0.0, 180.0, 361)
 
@@ -30,11 +31,23 @@ def _layer_matrices(model_json: str, matrix_paths: Sequence[str], layers: Sequen
 
 
 def summaries(model_json: str, matrix_paths: Sequence[str], layers: Sequence[int], selection_path: str,
-              out_tsv: str) -> None:
-    manifest, _, each = _layer_matrices(model_json, matrix_paths, layers, selection_path)
+              out_tsv: str, resampling_paths: Sequence[str] = ()) -> None:
+    """The per-layer table; with the layers' resampling files (computed statistics) each C-dependent statistic
+    also gets its jackknife standard error and interval (imported statistics: empty)."""
+    manifest, selection, each = _layer_matrices(model_json, matrix_paths, layers, selection_path)
     rows = [summ.layer_row(layer, mats, attrs.get("n_tokens")) for layer, mats, attrs in each]
-    write_table(out_tsv, rows, summ.columns())
-    print(f"{manifest['name']}: summarised {len(rows)} layers")
+    for row, path in zip(rows, resampling_paths):
+        result = rs.read_resampling(path, model=models.identity(manifest), layer=row["layer"],
+                                    case_ids=selection["selected"])
+        # consistency check: the jackknife's estimates are of these matrices (same C, keys and ridge)
+        if not np.isclose(result["full"]["P_excess_kurtosis"], row["P_excess_kurtosis"], rtol=1e-7, atol=1e-9):
+            raise ProvenanceError(f"{path}: P excess kurtosis {result['full']['P_excess_kurtosis']!r} differs from "
+                                  f"the matrices' {row['P_excess_kurtosis']!r}; rerun resampling")
+        row.update(rs.interval_row(result["intervals"]))
+        row["jackknife_blocks"] = result["attrs"]["n_blocks"]
+    write_table(out_tsv, rows, [*summ.columns(), "jackknife_blocks", *rs.interval_columns()])
+    print(f"{manifest['name']}: summarised {len(rows)} layers"
+          + (f", intervals from {rows[0]['jackknife_blocks']} jackknife blocks" if resampling_paths else ""))
 
 
 def kde(model_json: str, matrix_paths: Sequence[str], layers: Sequence[int], selection_path: str,
@@ -58,13 +71,27 @@ def kde(model_json: str, matrix_paths: Sequence[str], layers: Sequence[int], sel
     print(f"{manifest['name']}: density curves of {len(layers)} layers on {len(grid)} points")
 
 
+KURTOSIS_VS_M_COLUMNS = ["layer", "m", "all_known", "P_excess_kurtosis", "subsets", "subsets_mean", "subsets_std",
+                         "subsets_q025", "subsets_q975"]
+
+
 def kurtosis_vs_m(model_json: str, keys_path: str, whitening_paths: Sequence[str], layers: Sequence[int],
-                  m_values: Sequence[int], out_tsv: str) -> None:
+                  m_values: Sequence[int], out_tsv: str, n_subsets: int = 0, seed: int = 0) -> None:
+    """Kurtosis of off-diagonal P for the first m known facts, and its spread over ``n_subsets`` random
+    m-subsets of the known facts (each (seed, layer, m) its own generator, so adding an m changes no other row)."""
     manifest = models.read_manifest(model_json)
     rows = []
     for layer, path in zip(layers, whitening_paths):
         K, pool, _ = keys_mod.read_keys(keys_path, model=models.identity(manifest), layer=layer, d_m=manifest["d_m"])
         w, _ = whitening_mod.read_whitening(path, model=models.identity(manifest), layer=layer, d_m=manifest["d_m"])
         for m, kurt in summ.kurtosis_vs_m(K, w.cholesky, [*m_values, len(pool)]):
-            rows.append({"layer": layer, "m": m, "all_known": int(m == len(pool)), "P_excess_kurtosis": kurt})
-    write_table(out_tsv, rows, ["layer", "m", "all_known", "P_excess_kurtosis"])
+            row = {"layer": layer, "m": m, "all_known": int(m == len(pool)), "P_excess_kurtosis": kurt}
+            if n_subsets and m < len(pool):  # every known fact: one subset only
+                spread = summ.kurtosis_of_fact_subsets(K, w.cholesky, m, n_subsets,
+                                                       np.random.default_rng([seed, layer, m]))
+                row.update({"subsets": n_subsets, "subsets_mean": float(spread.mean()),
+                            "subsets_std": float(spread.std(ddof=1)) if n_subsets > 1 else None,
+                            "subsets_q025": float(np.quantile(spread, 0.025)),
+                            "subsets_q975": float(np.quantile(spread, 0.975))})
+            rows.append(row)
+    write_table(out_tsv, rows, KURTOSIS_VS_M_COLUMNS)
