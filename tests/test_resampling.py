@@ -154,3 +154,57 @@ def test_a_singular_prefix_gives_undefined_statistics_not_an_error():
         resample_with = rs.layer_resampling
         resample_with(segments, KEYS, d_m=D, ridge=0.0, null_threshold=0.02, null_relative=1e-3, top_k=5,
                       confidence=0.95, P_full=np.eye(M))
+
+
+def test_statistics_files_without_segments_and_inconsistent_blocks_are_refused(tmp_path):
+    import h5py
+
+    from superposition import stats
+    from superposition.provenance import ProvenanceError
+
+    S = pack_upper(np.eye(3))[None]
+    common = {"model": "m", "d_m": 3, "corpus_fingerprint": "c", "n_shards": 2, "count": 3, "layers": "[0]"}
+    old = tmp_path / "old.h5"
+    with h5py.File(old, "w") as f:  # the layout before segments: one full sum
+        f.attrs.update({**common, "shard": 0})
+        f.create_dataset("layer_0/sum", data=np.eye(3))
+    kw = dict(model="m", d_m=3, corpus_fingerprint="c", n_shards=1)
+    with pytest.raises(ProvenanceError, match="old.h5 holds no segment sums .* rerun activation_stats"):
+        stats.read_segments([old], 0, **kw)
+    paths = []
+    for shard, block in enumerate([0, 1]):  # segment 4 said to be in block 0 by one shard, block 1 by the other
+        paths.append(tmp_path / f"s{shard}.h5")
+        with h5py.File(paths[-1], "w") as f:
+            f.attrs.update({**common, "shard": shard, "segments": "[4]", "segment_blocks": f"[{block}]",
+                            "segment_tokens": "[3]"})
+            f.create_dataset("layer_0/segment_sums", data=S)
+    with pytest.raises(ProvenanceError, match="s1.h5: segment 4 is in block 1 here and 0 in another shard"):
+        stats.read_segments(paths, 0, **{**kw, "n_shards": 2})
+    with h5py.File(paths[0], "a") as f:  # its record says d_m 4, its sums are of width 3
+        f.attrs["d_m"] = 4
+    with pytest.raises(ProvenanceError, match=r"has shape \(1, 6\) float64, expected \(1, 10\) float64 \(d_m = 4\)"):
+        stats.read_segments(paths[:1], 0, **{**kw, "d_m": 4, "n_shards": 1})
+
+
+def test_a_singular_whole_corpus_and_another_selection_are_named(tmp_path):
+    from superposition.provenance import ProvenanceError
+
+    segments, _ = corpus(16, np.random.default_rng(7), blocks=2)  # 16 tokens would do, 4 in rank-deficient form:
+    rank_two = [Segment(s.id, s.block, s.count, pack_upper(np.diag([1.0, 1.0, 0, 0, 0, 0]) * s.count))
+                for s in segments]
+    with pytest.raises(np.linalg.LinAlgError, match="C of the whole corpus \\(16 tokens, d_m = 6\\) is not positive "
+                                                   "definite: set whitening.ridge > 0"):
+        resample(rank_two)
+    segments, _ = corpus(800, np.random.default_rng(8))
+    result = resample(segments)
+    path = tmp_path / "r.h5"
+    rs.write_resampling(path, result, {"model": "m", "layer": 2, "case_ids": [1, 2, 3]})
+    back = rs.read_resampling(path, model="m", layer=2, case_ids=[1, 2, 3])
+    assert all(back["intervals"][k] == pytest.approx(v) for k, v in result["intervals"].items())
+    assert back["full"] == pytest.approx(result["full"])
+    assert [row["n_tokens"] for row in back["ladder"]] == [row["n_tokens"] for row in result["ladder"]]
+    with pytest.raises(ProvenanceError, match="r.h5 was computed for other facts than the current selection; rerun "
+                                              "the resampling rule"):
+        rs.read_resampling(path, model="m", layer=2, case_ids=[1, 2, 4])
+    with pytest.raises(ProvenanceError, match="layer = 2 but 3 was expected"):
+        rs.read_resampling(path, model="m", layer=3)

@@ -404,16 +404,16 @@ def _save_sums(path, accumulator: GramAccumulator, finished: FinishedSegments, r
     """Final outputs hold one packed sum per segment and layer, in corpus order; checkpoints the accumulator exactly
     as it is (flushed: the current segment's partial sums) and the list of finished segments (their sums are in
     their own files)."""
+    record = {**record, "count": accumulator.count, "layers": accumulator.layers, "segments": finished.ids,
+              "segment_blocks": finished.blocks, "segment_tokens": finished.counts}
+    if not final:
+        write_h5(path, {f"layer_{layer}/partial": accumulator.sums[layer].cpu().numpy()
+                        for layer in accumulator.layers}, record)
+        return
+    # streamed row by row from the finished segments' files (write_h5 takes datasets held in memory)
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
-            set_attrs(f, {**record, "count": accumulator.count, "layers": accumulator.layers,
-                          "segments": finished.ids, "segment_blocks": finished.blocks,
-                          "segment_tokens": finished.counts})
-            if not final:
-                for layer in accumulator.layers:
-                    f.create_dataset(f"layer_{layer}/partial", data=accumulator.sums[layer].cpu().numpy(),
-                                     **CHECKSUM)
-                return
+            set_attrs(f, record)
             datasets = {}
             for layer in accumulator.layers:
                 d = accumulator.sums[layer].shape[0]
