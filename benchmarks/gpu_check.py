@@ -132,15 +132,12 @@ def second_moments(model, docs, gram_dtype="float32", allow_tf32=False, max_toke
     """The pipeline's statistics (collect_second_moments, every layer in one pass), read back from its file."""
     import tempfile
 
-    import h5py
-
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "stats.h5"
         summary = stats.collect_second_moments(model, docs, list(range(len(models.blocks(model)))), path,
                                                {"model": "check"}, pad_id=0, max_tokens=max_tokens,
                                                gram_dtype=gram_dtype, allow_tf32=allow_tf32, progress=False)
-        with h5py.File(path) as f:
-            summary["sums"] = {int(k.split("_")[1]): f[k]["sum"][()] for k in f}
+        summary["sums"] = stats.shard_sums(path)[0]
     stats.set_matmul_precision(False)
     return summary
 

@@ -208,3 +208,14 @@ def test_a_singular_whole_corpus_and_another_selection_are_named(tmp_path):
         rs.read_resampling(path, model="m", layer=2, case_ids=[1, 2, 4])
     with pytest.raises(ProvenanceError, match="layer = 2 but 3 was expected"):
         rs.read_resampling(path, model="m", layer=3)
+
+
+def test_the_whole_corpus_spectrum_given_is_the_one_computed():
+    segments, X = corpus(3000, np.random.default_rng(9))
+    C = X.T @ X / 3000
+    given = resample(segments)
+    reused = rs.layer_resampling(segments, KEYS, d_m=D, ridge=0.0, null_threshold=0.02, null_relative=1e-3,
+                                 top_k=5, confidence=0.95, full_eigenvalues=np.linalg.eigvalsh(C))
+    for name in ("min_eigenvalue", "max_eigenvalue", "condition_number"):
+        assert reused["ladder"][-1][name] == pytest.approx(given["ladder"][-1][name], rel=1e-10)
+    assert reused["ladder"][-1]["P_std"] == given["full"]["P_std"]

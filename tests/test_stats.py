@@ -52,9 +52,9 @@ def read_segment_sums(path):
 
 
 def read_sums(path):
-    """Each layer's sum over every segment of a statistics file, and the token count."""
-    with h5py.File(path) as f:
-        return ({k: stats.unpack_upper(f[k]["segment_sums"][()].sum(axis=0)) for k in f}, int(f.attrs["count"]))
+    """Each layer's sum over every segment of a statistics file (as "layer_<l>"), and the token count."""
+    sums, count = stats.shard_sums(path)
+    return {f"layer_{layer}": S for layer, S in sums.items()}, count
 
 
 @pytest.mark.parametrize("gram_tokens", [None, 0, 37])

@@ -176,9 +176,13 @@ def converged_from(n_tokens: Sequence[int], values: Sequence[float], tolerance: 
 
 
 def layer_resampling(segments: Sequence[Any], K: np.ndarray, *, d_m: int, ridge: float, null_threshold: float,
-                     null_relative: float, top_k: int, confidence: float, P_full: np.ndarray | None = None
-                     ) -> dict[str, Any]:
-    """Ladder rows, jackknife rows and intervals of every C-dependent statistic of one layer."""
+                     null_relative: float, top_k: int, confidence: float, P_full: np.ndarray | None = None,
+                     full_eigenvalues: np.ndarray | None = None) -> dict[str, Any]:
+    """Ladder rows, jackknife rows and intervals of every C-dependent statistic of one layer.
+
+    ``P_full``: P of the whole corpus as the matrices computed it (whitening's factor), checked against this C's;
+    ``full_eigenvalues``: whitening's spectrum of the same C + ridge I, reused for the ladder's last point.
+    """
     from .stats import unpack_upper
 
     ladder, left_out, whole = replicates(segments)
@@ -193,9 +197,15 @@ def layer_resampling(segments: Sequence[Any], K: np.ndarray, *, d_m: int, ridge:
     norm_C, norm_P = np.linalg.norm(C_full), np.linalg.norm(P)
     ladder_rows = []
     for rep in ladder:
-        C = unpack_upper(rep.packed, d_m) / rep.n_tokens
-        row, P_n, _ = statistics_of(K, C, ridge)
-        eigenvalues = scipy.linalg.eigh(C + ridge * np.eye(d_m) if ridge else C, eigvals_only=True)
+        if rep.n_tokens == whole.n_tokens:  # the whole corpus: computed above
+            C, row, P_n = C_full, dict(full_stats), P
+            eigenvalues = full_eigenvalues
+        else:
+            C = unpack_upper(rep.packed, d_m) / rep.n_tokens
+            row, P_n, _ = statistics_of(K, C, ridge)
+            eigenvalues = None
+        if eigenvalues is None:
+            eigenvalues = scipy.linalg.eigh(C + ridge * np.eye(d_m) if ridge else C, eigvals_only=True)
         row.update(spectrum_statistics(eigenvalues, null_threshold, null_relative))
         row.update({"n_tokens": rep.n_tokens, "tokens_per_dim": rep.n_tokens / d_m,
                     "C_relative_change": float(np.linalg.norm(C - C_full) / norm_C),

@@ -665,6 +665,15 @@ def read_segments(paths: Sequence[str | os.PathLike], layer: int, *, model: str 
     return [parts[seg] for seg in sorted(parts)], records
 
 
+def shard_sums(path: str | os.PathLike) -> tuple[dict[int, np.ndarray], int]:
+    """Every layer's sum over all segments of one statistics file, and its token count (benchmarks, tests; the
+    pipeline reads with read_segments, which checks the provenance)."""
+    with open_h5(path, "activation statistics", "activation_stats") as f:
+        attrs = get_attrs(f)
+        return ({int(layer): unpack_upper(f[f"layer_{layer}/segment_sums"][()].sum(axis=0))
+                 for layer in attrs["layers"]}, int(attrs["count"]))
+
+
 def merge_layer(paths: Sequence[str | os.PathLike], layer: int, *, model: str | Mapping[str, Any], d_m: int,
                 corpus_fingerprint: str,
                 n_shards: int) -> tuple[np.ndarray, int, list[dict[str, Any]]]:

@@ -35,7 +35,7 @@ def resampling(model_json: str, corpus_manifest: str, stats_paths: Sequence[str]
     result = rs.layer_resampling(segments, K, d_m=d_m, ridge=ridge, null_threshold=cfg["null_space_threshold"],
                                  null_relative=cfg["null_space_relative"], top_k=cfg["top_pairs"],
                                  confidence=cfg["confidence"],
-                                 P_full=superposition_matrices(K, w.cholesky)["P"])
+                                 P_full=superposition_matrices(K, w.cholesky)["P"], full_eigenvalues=w.eigenvalues)
     record = {**models.provenance_of(manifest), **environment(), "layer": layer, "ridge": ridge,
               "corpus_fingerprint": corpus["corpus_fingerprint"], "n_tokens": result["full"]["n_tokens"],
               "case_ids": selection["selected"], "confidence": cfg["confidence"],
