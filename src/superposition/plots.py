@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -11,6 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 
 plt.rcParams.update({"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 8,
@@ -269,11 +271,11 @@ CONVERGENCE_PANELS = (
     ("P_excess_kurtosis", "excess kurtosis of off-diagonal P", "linear"),
     ("P_std", "std of off-diagonal P", "linear"),
     ("W_angle_mean_deg", "mean whitening angle (degrees)", "linear"),
-    ("top_pairs_overlap", "overlap of the top pairs with the full corpus's", "linear"),
+    ("top_pairs_overlap", "top pairs of P shared with the full corpus", "linear"),
     ("P_relative_change", "||P_N - P|| / ||P||", "log"),
     ("C_relative_change", "||C_N - C|| / ||C||", "log"),
     ("condition_number", "condition number of C", "log"),
-    ("null_space_fraction", "null-space share of d_m (AlphaEdit's threshold; dashed: relative)", "linear"),
+    ("null_space_fraction", "null-space share of d_m (dashed: relative)", "linear"),
 )
 
 
@@ -301,16 +303,21 @@ def convergence(rows: Sequence[dict[str, float]], d_m: int, model: str, png, pdf
 
             columns = ("null_space_dim", "null_space_dim_relative") if name == "null_space_fraction" else (name,)
             text = f"layers {group[0]}-{group[-1]}" if len(group) > 1 else f"layer {group[0]}"
+            color = None
             for column, style in zip(columns, ("-", "--")):
                 v = values(column)
-                with np.errstate(all="ignore"):
-                    line, = ax.plot(x, np.nanmedian(v, axis=0), style, marker="o", ms=2.5, lw=1.2,
+                with np.errstate(all="ignore"), warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: a singular C at that N
+                    line, = ax.plot(x, np.nanmedian(v, axis=0), style, marker="o", ms=2.5, lw=1.2, color=color,
                                     label=text if style == "-" else None)
-                    ax.fill_between(x, np.nanmin(v, axis=0), np.nanmax(v, axis=0), color=line.get_color(),
-                                    alpha=0.12, lw=0)
+                    color = line.get_color()  # the relative null space in the same colour, dashed
+                    ax.fill_between(x, np.nanmin(v, axis=0), np.nanmax(v, axis=0), color=color, alpha=0.12, lw=0)
         for value, text in marks:
             ax.axvline(value, color="0.5", lw=0.7, ls=":")
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_yscale(scale)
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("tokens per key dimension, N / d_m")
