@@ -61,7 +61,9 @@ def module_file(module: str, package_dir: Path = PACKAGE_DIR) -> Path | None:
     return None
 
 
-def _imports(path: Path, module: str | None) -> set[str]:
+# Walking a module's tree for its imports is the other cost of a DAG build: once per module, not once per rule.
+@functools.lru_cache(maxsize=None)
+def _imports(path: Path, module: str | None) -> frozenset[str]:
     """Package modules imported anywhere in ``path`` (``module`` is its dotted name, for relative imports)."""
     found: set[str] = set()
     is_package = path.name == "__init__.py"
@@ -80,7 +82,7 @@ def _imports(path: Path, module: str | None) -> set[str]:
             found.add(base)
             # `from superposition import stats` imports the module superposition.stats
             found.update(f"{base}.{alias.name}" for alias in node.names)
-    return {name for name in found if name == PACKAGE or name.startswith(PACKAGE + ".")}
+    return frozenset(name for name in found if name == PACKAGE or name.startswith(PACKAGE + "."))
 
 
 def closure(script: str | Path, package_dir: Path = PACKAGE_DIR) -> list[str]:
