@@ -40,7 +40,8 @@ def test_subject_token_is_the_last_subject_token(smollm2):
 def test_padding_and_batch_size_do_not_change_keys(smollm2):
     model, tokenizer = smollm2
     layers = [0, 7, 29]
-    batched = keys.run_prompts(model, tokenizer, FACTS * 8, layers=layers, predictions=True, batch_size=64)
+    # one left-padded batch holding every prompt twice, beside each prompt alone
+    batched = keys.run_prompts(model, tokenizer, FACTS * 2, layers=layers, predictions=True, batch_size=64)
     single = keys.run_prompts(model, tokenizer, FACTS, layers=layers, predictions=True, batch_size=1)
     left = keys.run_prompts(model, tokenizer, FACTS, layers=layers, predictions=True, batch_size=64,
                             padding_side="left")
@@ -65,8 +66,9 @@ def test_same_subject_at_prompt_start_gives_identical_keys_and_p_one(smollm2):
     run = keys.run_prompts(model, tokenizer, FACTS, layers=[0, 15], predictions=False, batch_size=1)
     assert np.array_equal(run.keys[5], run.keys[6])
     rng = np.random.default_rng(0)
-    X = rng.standard_normal((4000, run.keys.shape[-1]))
-    w = whitening.whiten(X.T @ X / len(X))
+    d = run.keys.shape[-1]
+    A = rng.standard_normal((d, 64))
+    w = whitening.whiten(A @ A.T / 64 + np.eye(d))  # a dense, well-conditioned C
     P = matrices.superposition_matrices(run.keys[:, 0].astype(np.float64), w.cholesky)["P"]
     assert P[5, 6] == 1.0 and P[6, 5] == 1.0
 

@@ -232,32 +232,69 @@ def rule_of(fields: dict[str, str]) -> str:
     return "layers_tiny" if name.startswith("layers_tiny_") else name
 
 
-def test_tiny_workflow_through_slurm_matches_a_local_run(slurm_cluster, smollm2_snapshot, tmp_path):
-    cfg_slurm = tiny_setup(tmp_path, smollm2_snapshot["path"], "via_slurm")
-    cfg_local = tiny_setup(tmp_path, smollm2_snapshot["path"], "via_local")
-    profile = local_profile(tmp_path / "profile", tmp_path / "slurm_logs")
+class Background:
+    """A Snakemake run through the cluster started now and collected later (its output in files, not pipes)."""
 
-    # the local reference run goes alongside: the SLURM run mostly waits for its status polls
-    local = subprocess.Popen(["timeout", "-k", "10", "300", *SNAKEMAKE, *matrix_targets(cfg_local), "--configfile",
-                              str(cfg_local), "--cores", "1"], cwd=REPO, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
-    try:
-        started = time.monotonic()
-        proc = run([*SNAKEMAKE, *matrix_targets(cfg_slurm), "--workflow-profile", profile, "--configfile", cfg_slurm],
-                   300, env=LOCAL_ENV, check=False)
-        slurm_seconds = time.monotonic() - started
-        local_out, _ = local.communicate(timeout=320)
-    finally:
-        if local.poll() is None:  # SIGTERM: `timeout` passes it on to Snakemake
-            local.terminate()
+    def __init__(self, cmd, seconds: int, folder: Path, env: dict):
+        self.cmd = ["timeout", "-k", "10", str(seconds), *map(str, cmd)]
+        self.out, self.err = folder / "stdout", folder / "stderr"
+        with open(self.out, "w") as out, open(self.err, "w") as err:
+            self.proc = subprocess.Popen(self.cmd, cwd=REPO, env={**os.environ, **env}, stdout=out, stderr=err,
+                                         text=True)
+
+    def result(self, timeout: float) -> subprocess.CompletedProcess:
+        self.proc.wait(timeout)
+        proc = subprocess.CompletedProcess(self.cmd, self.proc.returncode, self.out.read_text(), self.err.read_text())
+        if proc.returncode == 124:
+            raise AssertionError(f"timed out: {' '.join(self.cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        return proc
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:  # SIGTERM: `timeout` passes it on to Snakemake
+            self.proc.terminate()
             try:
-                local.wait(30)
+                self.proc.wait(30)
             except subprocess.TimeoutExpired:
-                local.kill()
+                self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def failing_job(slurm_cluster, tmp_path_factory):
+    """The run of test_a_failing_job_is_retried_...: a job that is submitted and runs on the node (valid
+    partitions) but fails, since the local model does not exist. It is started by the first cluster test and
+    checked by its own: its two attempts mostly wait for their status polls, as the tiny workflow's jobs do."""
+    tmp = tmp_path_factory.mktemp("failing_job")
+    cfg = write_config(tmp, models={"tiny": {"source": "local", "path": str(tmp / "nothing"), "n_layers": 3}})
+    profile = local_profile(tmp / "profile", tmp / "slurm_logs")
+    results = yaml.safe_load(cfg.read_text())["results"]
+    run = Background([*SNAKEMAKE, f"{results}/models/tiny/model.json", "--workflow-profile", profile,
+                      "--configfile", cfg], 300, tmp, LOCAL_ENV)
+    yield run, results
+    run.stop()
+
+
+def test_tiny_workflow_through_slurm_matches_a_local_run(slurm_cluster, failing_job, tiny_run, smollm2_snapshot,
+                                                         tmp_path):
+    cfg_slurm = tiny_setup(tmp_path, smollm2_snapshot["path"], "via_slurm")
+    profile = local_profile(tmp_path / "profile", tmp_path / "slurm_logs")
+    # the local reference: the session's tiny run (the same tiny model, facts and settings; its editing section
+    # reaches no matrix)
+    _, cfg_local = tiny_run
+
+    def matrix_settings(path):  # all but the paths, the model's folder and the editing section
+        cfg = yaml.safe_load(path.read_text())
+        cfg["facts"].pop("path")
+        return {k: v for k, v in cfg.items() if k not in ("results", "cache_dir", "models", "editing")}
+
+    assert matrix_settings(cfg_local) == matrix_settings(cfg_slurm)
+
+    started = time.monotonic()
+    proc = run([*SNAKEMAKE, *matrix_targets(cfg_slurm), "--workflow-profile", profile, "--configfile", cfg_slurm],
+               300, env=LOCAL_ENV, check=False)
+    slurm_seconds = time.monotonic() - started
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"SLURM run failed:\n{text[-8000:]}"
     assert "Falling back to 'sacct'" not in text  # the states came from squeue
-    assert local.returncode == 0, f"local run failed ({local.returncode}):\n{local_out[-5000:]}"
 
     # every job went through sbatch and finished there
     jobs = slurm_jobs(text)
@@ -325,14 +362,10 @@ def test_unknown_partition_is_reported_with_the_rule_name(slurm_cluster, tmp_pat
     assert f"--mem {2 * mem}" in calls[1] and f"-t {2 * minutes} " in calls[1], calls
 
 
-def test_a_failing_job_is_retried_with_more_memory_and_then_names_its_log(slurm_cluster, tmp_path):
+def test_a_failing_job_is_retried_with_more_memory_and_then_names_its_log(failing_job):
     """The job is submitted and runs on the node (valid partitions) but fails: the local model does not exist."""
-    cfg = write_config(tmp_path, models={"tiny": {"source": "local", "path": str(tmp_path / "nothing"),
-                                                  "n_layers": 3}})
-    profile = local_profile(tmp_path / "profile", tmp_path / "slurm_logs")
-    results = yaml.safe_load(cfg.read_text())["results"]
-    proc = run([*SNAKEMAKE, f"{results}/models/tiny/model.json", "--workflow-profile", profile, "--configfile", cfg],
-               300, env=LOCAL_ENV, check=False)
+    run, results = failing_job
+    proc = run.result(320)
     text = proc.stdout + proc.stderr
     assert proc.returncode != 0
     jobids = re.findall(r"has been submitted with SLURM jobid (\d+)", text)

@@ -82,11 +82,14 @@ def _dry_run(args, cwd, env: dict) -> subprocess.CompletedProcess:
         _IDLE_SERVERS.put(server)
 
 
-def snakemake(*args, cwd=REPO, check=True, env=None):
-    """``python -m snakemake *args``; dry runs (``-n``) go to a forked child of a server that has Snakemake
-    imported already (tests/snakemake_server.py), everything else to a fresh interpreter."""
+def snakemake(*args, cwd=REPO, check=True, env=None, forked=None):
+    """``python -m snakemake *args``; dry runs (``-n``) and ``--unlock`` go to a forked child of a server that has
+    Snakemake imported already (tests/snakemake_server.py), everything else to a fresh interpreter (``forked``
+    True or False says which, e.g. for a run that the lock refuses before any job starts)."""
     env = _without_slurm_probe(env)
-    if "-n" in args:
+    if forked is None:
+        forked = "-n" in args or "--unlock" in args
+    if forked:
         proc = _dry_run(args, cwd, env)
     else:
         proc = subprocess.run([*SNAKEMAKE, *args], cwd=cwd, capture_output=True, text=True, timeout=900, env=env)
