@@ -106,7 +106,7 @@ def test_killed_jobs_of_every_kind_rerun_to_the_undisturbed_result(tiny_run, tmp
     deadline = time.monotonic() + 120
     while not any((REPO / ".snakemake" / "locks").glob("*")) and time.monotonic() < deadline:
         time.sleep(0.05)
-    second = snakemake("--cores", "1", "--configfile", str(cfg_path), check=False, forked=True)
+    second = snakemake("--cores", "1", "--configfile", str(cfg_path), check=False)
     assert second.returncode != 0
     assert "Directory cannot be locked" in second.stdout + second.stderr
 
@@ -121,7 +121,7 @@ def test_killed_jobs_of_every_kind_rerun_to_the_undisturbed_result(tiny_run, tmp
         remaining.discard(kind)
         _no_invalid_artifact(results)
         if len(killed) == 1:  # the killed run's lock is left behind: reported with the way out
-            stale = snakemake("--cores", "1", "--configfile", str(cfg_path), check=False, forked=True)
+            stale = snakemake("--cores", "1", "--configfile", str(cfg_path), check=False)
             assert stale.returncode != 0 and "--unlock" in stale.stdout + stale.stderr
         snakemake("--unlock", "--configfile", str(cfg_path))
         proc = _start(cfg_path, env)

