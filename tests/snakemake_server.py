@@ -1,11 +1,12 @@
-"""Snakemake command lines for the tests, each in its own forked process, with Snakemake imported only once.
+"""Snakemake command lines for the tests (dry runs, runs, --unlock, --lint), each in its own forked process, with
+Snakemake imported only once.
 
 Importing Snakemake and its plugins (pandas, SQLAlchemy, ...) takes about 3 s of the 4 s a dry run of the tiny
 workflow costs, and the tests run about a hundred dry runs. This server imports Snakemake once; for every request
 (one JSON line on stdin: argv, cwd, env, extra sys.path) it forks a child that runs ``snakemake.cli.main(argv)``
 exactly as ``python -m snakemake`` would, with its stdout and stderr in files, and answers with the exit status.
-The superposition package is never imported here, only in the children (by the Snakefile), so a child can be
-pointed at a modified copy of it. Requests are served one at a time; the tests start one server per thread.
+The superposition package is never imported here (only third-party modules it uses), only in the children (by
+the Snakefile), so a child can be pointed at a modified copy of it. Requests are served one at a time; the tests start one server per thread.
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ def _child(request: dict) -> None:
 def serve() -> None:
     import snakemake.cli  # noqa: F401  (the import every child then shares)
     import snakemake.scheduling.job_scheduler  # noqa: F401  (imports the executor plugins)
+    # third-party modules the workflow's planning code imports (never superposition itself)
+    import h5py  # noqa: F401
+    import jsonschema  # noqa: F401
+    import numpy  # noqa: F401
+    import yaml  # noqa: F401
 
     print("ready", flush=True)
     for line in sys.stdin:

@@ -50,14 +50,16 @@ def _kill_at_next_job(proc: subprocess.Popen, results: Path, remaining: set[str]
             log, midway = KINDS[kind]
             if kind not in started and set(results.glob(log)) - seen[kind]:
                 started[kind] = time.monotonic()
+            # a statistics job imports torch and loads the model before its first checkpoint: seconds on a
+            # loaded machine, so the fallback (a job that ends before one is seen) waits longer
             if kind in started and (midway is None or any(results.glob(midway))
-                                    or time.monotonic() - started[kind] > 5):
+                                    or time.monotonic() - started[kind] > 60):
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
                 return kind
         if proc.poll() is not None:
             return None
-        time.sleep(0.002)
+        time.sleep(0.05)  # every job runs for seconds; polling faster only takes the CPU from them
     os.killpg(proc.pid, signal.SIGKILL)
     raise AssertionError(f"no job of {sorted(remaining)} started within {timeout} s")
 

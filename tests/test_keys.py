@@ -40,7 +40,8 @@ def test_subject_token_is_the_last_subject_token(smollm2):
 def test_padding_and_batch_size_do_not_change_keys(smollm2):
     model, tokenizer = smollm2
     layers = [0, 7, 29]
-    batched = keys.run_prompts(model, tokenizer, FACTS * 8, layers=layers, predictions=True, batch_size=64)
+    # one left-padded batch holding every prompt twice, beside each prompt alone
+    batched = keys.run_prompts(model, tokenizer, FACTS * 2, layers=layers, predictions=True, batch_size=64)
     single = keys.run_prompts(model, tokenizer, FACTS, layers=layers, predictions=True, batch_size=1)
     left = keys.run_prompts(model, tokenizer, FACTS, layers=layers, predictions=True, batch_size=64,
                             padding_side="left")
@@ -65,8 +66,9 @@ def test_same_subject_at_prompt_start_gives_identical_keys_and_p_one(smollm2):
     run = keys.run_prompts(model, tokenizer, FACTS, layers=[0, 15], predictions=False, batch_size=1)
     assert np.array_equal(run.keys[5], run.keys[6])
     rng = np.random.default_rng(0)
-    X = rng.standard_normal((4000, run.keys.shape[-1]))
-    w = whitening.whiten(X.T @ X / len(X))
+    d = run.keys.shape[-1]
+    A = rng.standard_normal((d, 64))
+    w = whitening.whiten(A @ A.T / 64 + np.eye(d))  # a dense, well-conditioned C
     P = matrices.superposition_matrices(run.keys[:, 0].astype(np.float64), w.cholesky)["P"]
     assert P[5, 6] == 1.0 and P[6, 5] == 1.0
 
@@ -128,6 +130,38 @@ def test_bos_moves_every_subject_index_by_one_and_is_refused_without_a_bos(smoll
 
     with pytest.raises(FactError, match="facts.prompt_mode is 'bos' but the tokenizer of this model .* has no BOS"):
         keys.run_prompts(model, NoBos(), FIRST, layers=[24], predictions=False, prepend_bos=True)
+
+
+def test_prompt_rows_place_each_fact_in_each_template_with_the_bare_prompt_first_for_predictions():
+    facts = FACTS[2:4]
+    rows = keys.prompt_rows(facts, ["A fact. {}"], predictions=True)
+    assert rows.texts == ["The capital of France is", "A fact. The capital of France is",
+                          "Mac OS X 10.1 was developed by", "A fact. Mac OS X 10.1 was developed by"]
+    assert [t[a:b] for t, (a, b) in zip(rows.texts, rows.spans)] == ["France"] * 2 + ["Mac OS X 10.1"] * 2
+    assert rows.fact_index == [0, 0, 1, 1] and rows.first_rows == [0, 2]
+    assert (rows.n_templates, rows.key_templates) == (2, [1])  # the bare prompt predicts, the template keys
+    assert keys.prompt_rows(facts, ["A fact. {}"], predictions=False).key_templates == [0]
+    assert keys.prompt_rows(facts, ["{}", "A fact. {}"], predictions=True).key_templates == [0, 1]
+    with pytest.raises(ValueError, match="must contain exactly one"):
+        keys.prompt_rows(facts, ["{} and {}"], predictions=False)
+
+
+def test_per_fact_averages_the_key_templates_in_float64():
+    import torch
+
+    rows = keys.prompt_rows(FACTS[:2], ["{}", "A {}", "B {}"], predictions=False)
+    rng = np.random.default_rng(0)
+    batches = [torch.as_tensor(rng.standard_normal((4, 5)), dtype=torch.float32),
+               torch.as_tensor(rng.standard_normal((2, 5)), dtype=torch.float32)]  # 6 rows in two batches
+    captured = {7: batches, 9: [2 * b for b in batches]}
+    got = keys.per_fact(captured, [7, 9], rows)
+    flat = torch.cat(batches).numpy().astype(np.float64).reshape(2, 3, 5)
+    assert got.dtype == np.float32 and got.shape == (2, 2, 5)
+    np.testing.assert_array_equal(got[:, 0], flat.mean(axis=1).astype(np.float32))
+    np.testing.assert_array_equal(got[:, 1], (2 * flat).mean(axis=1).astype(np.float32))
+    one = keys.prompt_rows(FACTS[:3], ["A {}"], predictions=True)  # bare prompt + one key template: no mean
+    single = keys.per_fact({0: [torch.arange(6.0).reshape(6, 1)]}, [0], one)
+    assert single[:, 0, 0].tolist() == [1.0, 3.0, 5.0]
 
 
 def test_leading_special_tokens_are_the_empty_offsets():

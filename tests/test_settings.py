@@ -132,3 +132,53 @@ def test_the_order_of_models_means_nothing():
     pb = settings.result_params(b, "figure_angles")["cfg__models__params_millions"]
     assert pa({}) == pb({}) == "models.x.params_millions = 1; models.y.params_millions = 2"
     assert settings.rule_settings(a, "figure_angles") == settings.rule_settings(b, "figure_angles")
+
+
+def test_imports_and_docstrings_are_found_in_every_kind_of_statement_body(tmp_path):
+    """Branches, loops, handlers, finally, with, match cases, classes and nested functions hold imports too."""
+    pkg = tmp_path / "superposition"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    names = ["if_", "else_", "for_", "while_", "try_", "handler", "try_else", "finally_", "with_", "case",
+             "method", "nested"]
+    for name in names:
+        (pkg / f"{name}.py").write_text("X = 1\n")
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent('''
+        import sys
+        if sys:
+            import superposition.if_
+        else:
+            import superposition.else_
+        for _ in ():
+            import superposition.for_
+        while False:
+            import superposition.while_
+        try:
+            import superposition.try_
+        except ImportError:
+            import superposition.handler
+        else:
+            import superposition.try_else
+        finally:
+            import superposition.finally_
+        with open(__file__):
+            from superposition import with_
+        match sys.argv:
+            case []:
+                from superposition import case
+        class A:
+            def f(self):
+                from superposition import method
+                def g():
+                    """Doc."""
+                    from superposition import nested
+        x = lambda: __import__("superposition.unused")  # an expression: never an import statement
+    '''))
+    assert fingerprint.closure(script, pkg) == ["superposition"] + sorted(f"superposition.{n}" for n in names)
+    # a nested function's docstring does not count, its code does
+    same = tmp_path / "same.py"
+    same.write_text(script.read_text().replace('"""Doc."""', '"""Another doc."""'))
+    other = tmp_path / "other.py"
+    other.write_text(script.read_text().replace('"""Doc."""', '"""Doc."""\n            y = 1'))
+    assert fingerprint.code_hash(script) == fingerprint.code_hash(same) != fingerprint.code_hash(other)

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import yaml
 
-from workflow_helpers import make_tiny_model, tiny_settings, write_config
+from workflow_helpers import make_tiny_model, snakemake, tiny_settings, write_config
 
 from superposition import config as sp_config
 from superposition import sizing
@@ -56,12 +56,13 @@ def run(cmd, seconds, *, cwd=REPO, env=None, check=True):
 
 
 # ---------------------------------------------------------------------------------- profile, no cluster
+# (dry runs and --list through workflow_helpers.snakemake: its failing scontrol spares the SLURM plugin's probe)
 
 
 def test_profile_names_only_workflow_rules_and_requests_gpus():
     profile = yaml.safe_load((PROFILE / "config.yaml").read_text())
     assert profile["executor"] == "slurm" and profile["retries"] == 1
-    rules = set(run([*SNAKEMAKE, "--list", "--workflow-profile", "none"], 120).stdout.split())
+    rules = set(snakemake("--list", "--workflow-profile", "none").stdout.split())
     named = set(profile["set-resources"]) | set(profile["set-threads"])
     assert named <= rules, f"profile names rules the workflow does not have: {named - rules}"
     for rule in GPU_RULES:
@@ -82,8 +83,8 @@ def test_profile_names_only_workflow_rules_and_requests_gpus():
 
 def test_profile_dry_run_resolves_partitions_and_scales_with_attempt():
     env = {**LOCAL_ENV, "SUPERPOSITION_SLURM_ACCOUNT": "acct42", "SUPERPOSITION_SLURM_GPU_PARTITION": "gpuq"}
-    out = run([*SNAKEMAKE, "-n", "--forceall", "--workflow-profile", PROFILE, "--executor", "dryrun"], 180,
-              env=env).stdout
+    out = snakemake("-n", "--forceall", "--workflow-profile", str(PROFILE), "--executor", "dryrun",
+                    env={**os.environ, **env}).stdout
     stats = out.split("rule activation_stats:")[1].split("resources:")[1].splitlines()[0]
     assert "slurm_partition=gpuq" in stats and "gpu=1" in stats and "slurm_account=acct42" in stats
     cov = out.split("rule covariance:")[1].split("resources:")[1].splitlines()[0]
@@ -113,8 +114,8 @@ def test_a_block_that_cannot_fit_the_gpu_is_refused_when_the_dag_is_built(tmp_pa
     models = {"big": {"source": "hub", "id": "org/big", "n_layers": 40, "d_m": 13824, "params_millions": 13016,
                       "layer_block_size": 40}}
     cfg = write_config(tmp_path, models=models, stats={"model_dtype": "bfloat16", "max_tokens_per_batch": 16384})
-    proc = run([*SNAKEMAKE, "-n", "--workflow-profile", PROFILE, "--configfile", cfg], 120, env=LOCAL_ENV,
-               check=False)
+    proc = snakemake("-n", "--workflow-profile", str(PROFILE), "--configfile", str(cfg),
+                     env={**os.environ, **LOCAL_ENV}, check=False)
     text = proc.stdout + proc.stderr
     need = sizing.stats_gpu_bytes(sizing.ModelSize("big", 13016e6, 40, 13824, "config"), 40,
                                   sizing.StatsSettings("bfloat16", "float32", 16384))["total"]
@@ -124,7 +125,7 @@ def test_a_block_that_cannot_fit_the_gpu_is_refused_when_the_dag_is_built(tmp_pa
     # the block size it suggests is accepted
     models["big"]["layer_block_size"] = 31
     cfg = write_config(tmp_path, models=models, stats={"model_dtype": "bfloat16", "max_tokens_per_batch": 16384})
-    run([*SNAKEMAKE, "-n", "--workflow-profile", PROFILE, "--configfile", cfg], 120, env=LOCAL_ENV)
+    snakemake("-n", "--workflow-profile", str(PROFILE), "--configfile", str(cfg), env={**os.environ, **LOCAL_ENV})
 
 
 # ------------------------------------------------------------------------------------- local cluster
@@ -232,32 +233,69 @@ def rule_of(fields: dict[str, str]) -> str:
     return "layers_tiny" if name.startswith("layers_tiny_") else name
 
 
-def test_tiny_workflow_through_slurm_matches_a_local_run(slurm_cluster, smollm2_snapshot, tmp_path):
-    cfg_slurm = tiny_setup(tmp_path, smollm2_snapshot["path"], "via_slurm")
-    cfg_local = tiny_setup(tmp_path, smollm2_snapshot["path"], "via_local")
-    profile = local_profile(tmp_path / "profile", tmp_path / "slurm_logs")
+class Background:
+    """A Snakemake run through the cluster started now and collected later (its output in files, not pipes)."""
 
-    # the local reference run goes alongside: the SLURM run mostly waits for its status polls
-    local = subprocess.Popen(["timeout", "-k", "10", "300", *SNAKEMAKE, *matrix_targets(cfg_local), "--configfile",
-                              str(cfg_local), "--cores", "1"], cwd=REPO, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
-    try:
-        started = time.monotonic()
-        proc = run([*SNAKEMAKE, *matrix_targets(cfg_slurm), "--workflow-profile", profile, "--configfile", cfg_slurm],
-                   300, env=LOCAL_ENV, check=False)
-        slurm_seconds = time.monotonic() - started
-        local_out, _ = local.communicate(timeout=320)
-    finally:
-        if local.poll() is None:  # SIGTERM: `timeout` passes it on to Snakemake
-            local.terminate()
+    def __init__(self, cmd, seconds: int, folder: Path, env: dict):
+        self.cmd = ["timeout", "-k", "10", str(seconds), *map(str, cmd)]
+        self.out, self.err = folder / "stdout", folder / "stderr"
+        with open(self.out, "w") as out, open(self.err, "w") as err:
+            self.proc = subprocess.Popen(self.cmd, cwd=REPO, env={**os.environ, **env}, stdout=out, stderr=err,
+                                         text=True)
+
+    def result(self, timeout: float) -> subprocess.CompletedProcess:
+        self.proc.wait(timeout)
+        proc = subprocess.CompletedProcess(self.cmd, self.proc.returncode, self.out.read_text(), self.err.read_text())
+        if proc.returncode == 124:
+            raise AssertionError(f"timed out: {' '.join(self.cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        return proc
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:  # SIGTERM: `timeout` passes it on to Snakemake
+            self.proc.terminate()
             try:
-                local.wait(30)
+                self.proc.wait(30)
             except subprocess.TimeoutExpired:
-                local.kill()
+                self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def failing_job(slurm_cluster, tmp_path_factory):
+    """The run of test_a_failing_job_is_retried_...: a job that is submitted and runs on the node (valid
+    partitions) but fails, since the local model does not exist. It is started by the first cluster test and
+    checked by its own: its two attempts mostly wait for their status polls, as the tiny workflow's jobs do."""
+    tmp = tmp_path_factory.mktemp("failing_job")
+    cfg = write_config(tmp, models={"tiny": {"source": "local", "path": str(tmp / "nothing"), "n_layers": 3}})
+    profile = local_profile(tmp / "profile", tmp / "slurm_logs")
+    results = yaml.safe_load(cfg.read_text())["results"]
+    run = Background([*SNAKEMAKE, f"{results}/models/tiny/model.json", "--workflow-profile", profile,
+                      "--configfile", cfg], 300, tmp, LOCAL_ENV)
+    yield run, results
+    run.stop()
+
+
+def test_tiny_workflow_through_slurm_matches_a_local_run(slurm_cluster, failing_job, tiny_run, smollm2_snapshot,
+                                                         tmp_path):
+    cfg_slurm = tiny_setup(tmp_path, smollm2_snapshot["path"], "via_slurm")
+    profile = local_profile(tmp_path / "profile", tmp_path / "slurm_logs")
+    # the local reference: the session's tiny run (the same tiny model, facts and settings; its editing section
+    # reaches no matrix)
+    _, cfg_local = tiny_run
+
+    def matrix_settings(path):  # all but the paths, the model's folder and the editing section
+        cfg = yaml.safe_load(path.read_text())
+        cfg["facts"].pop("path")
+        return {k: v for k, v in cfg.items() if k not in ("results", "cache_dir", "models", "editing")}
+
+    assert matrix_settings(cfg_local) == matrix_settings(cfg_slurm)
+
+    started = time.monotonic()
+    proc = run([*SNAKEMAKE, *matrix_targets(cfg_slurm), "--workflow-profile", profile, "--configfile", cfg_slurm],
+               300, env=LOCAL_ENV, check=False)
+    slurm_seconds = time.monotonic() - started
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"SLURM run failed:\n{text[-8000:]}"
     assert "Falling back to 'sacct'" not in text  # the states came from squeue
-    assert local.returncode == 0, f"local run failed ({local.returncode}):\n{local_out[-5000:]}"
 
     # every job went through sbatch and finished there
     jobs = slurm_jobs(text)
@@ -325,14 +363,10 @@ def test_unknown_partition_is_reported_with_the_rule_name(slurm_cluster, tmp_pat
     assert f"--mem {2 * mem}" in calls[1] and f"-t {2 * minutes} " in calls[1], calls
 
 
-def test_a_failing_job_is_retried_with_more_memory_and_then_names_its_log(slurm_cluster, tmp_path):
+def test_a_failing_job_is_retried_with_more_memory_and_then_names_its_log(failing_job):
     """The job is submitted and runs on the node (valid partitions) but fails: the local model does not exist."""
-    cfg = write_config(tmp_path, models={"tiny": {"source": "local", "path": str(tmp_path / "nothing"),
-                                                  "n_layers": 3}})
-    profile = local_profile(tmp_path / "profile", tmp_path / "slurm_logs")
-    results = yaml.safe_load(cfg.read_text())["results"]
-    proc = run([*SNAKEMAKE, f"{results}/models/tiny/model.json", "--workflow-profile", profile, "--configfile", cfg],
-               300, env=LOCAL_ENV, check=False)
+    run, results = failing_job
+    proc = run.result(320)
     text = proc.stdout + proc.stderr
     assert proc.returncode != 0
     jobids = re.findall(r"has been submitted with SLURM jobid (\d+)", text)

@@ -41,7 +41,7 @@ def _without_slurm_probe(env: dict | None) -> dict:
 
 
 class _Server:
-    """One tests/snakemake_server.py process: Snakemake imported once, every dry run in a forked child."""
+    """One tests/snakemake_server.py process: Snakemake imported once, every command line in a forked child."""
 
     def __init__(self, env: dict):
         self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("snakemake_server.py"))],
@@ -71,7 +71,7 @@ class _Server:
 _IDLE_SERVERS: "queue.SimpleQueue[_Server]" = queue.SimpleQueue()
 
 
-def _dry_run(args, cwd, env: dict) -> subprocess.CompletedProcess:
+def _forked_run(args, cwd, env: dict) -> subprocess.CompletedProcess:
     try:
         server = _IDLE_SERVERS.get_nowait()
     except queue.Empty:
@@ -82,12 +82,14 @@ def _dry_run(args, cwd, env: dict) -> subprocess.CompletedProcess:
         _IDLE_SERVERS.put(server)
 
 
-def snakemake(*args, cwd=REPO, check=True, env=None):
-    """``python -m snakemake *args``; dry runs (``-n``) go to a forked child of a server that has Snakemake
-    imported already (tests/snakemake_server.py), everything else to a fresh interpreter."""
+def snakemake(*args, cwd=REPO, check=True, env=None, forked=True):
+    """``python -m snakemake *args`` in a forked child of a server that has Snakemake imported already
+    (tests/snakemake_server.py), or with ``forked=False`` in a fresh interpreter. The jobs of a run are the same
+    subprocesses either way; what needs a process of its own to kill (tests/test_fault_injection.py, the SLURM
+    runs of tests/test_slurm.py) starts ``python -m snakemake`` itself."""
     env = _without_slurm_probe(env)
-    if "-n" in args:
-        proc = _dry_run(args, cwd, env)
+    if forked:
+        proc = _forked_run(args, cwd, env)
     else:
         proc = subprocess.run([*SNAKEMAKE, *args], cwd=cwd, capture_output=True, text=True, timeout=900, env=env)
     if check and proc.returncode != 0:

@@ -15,14 +15,26 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
+import itertools
 from pathlib import Path
 
 PACKAGE = "superposition"
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
-def _strip_docstrings(tree: ast.AST) -> ast.AST:
-    for node in ast.walk(tree):
+def _statements(nodes):
+    """Every statement in ``nodes`` and in the statement lists below them (bodies, else and finally branches,
+    handlers, match cases): where imports, functions and classes can be, without visiting any expression."""
+    for node in nodes:
+        yield node  # first: a caller may replace its body before it is walked
+        for name in ("body", "orelse", "finalbody"):
+            yield from _statements(getattr(node, name, None) or ())
+        for child in getattr(node, "handlers", None) or getattr(node, "cases", None) or ():
+            yield from _statements(child.body)
+
+
+def _strip_docstrings(tree: ast.Module) -> ast.Module:
+    for node in itertools.chain([tree], _statements(tree.body)):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
             body = node.body
             if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
@@ -61,11 +73,13 @@ def module_file(module: str, package_dir: Path = PACKAGE_DIR) -> Path | None:
     return None
 
 
-def _imports(path: Path, module: str | None) -> set[str]:
+# Walking a module's tree for its imports is the other cost of a DAG build: once per module, not once per rule.
+@functools.lru_cache(maxsize=None)
+def _imports(path: Path, module: str | None) -> frozenset[str]:
     """Package modules imported anywhere in ``path`` (``module`` is its dotted name, for relative imports)."""
     found: set[str] = set()
     is_package = path.name == "__init__.py"
-    for node in ast.walk(_parse(path)):
+    for node in _statements(_parse(path).body):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -80,7 +94,7 @@ def _imports(path: Path, module: str | None) -> set[str]:
             found.add(base)
             # `from superposition import stats` imports the module superposition.stats
             found.update(f"{base}.{alias.name}" for alias in node.names)
-    return {name for name in found if name == PACKAGE or name.startswith(PACKAGE + ".")}
+    return frozenset(name for name in found if name == PACKAGE or name.startswith(PACKAGE + "."))
 
 
 def closure(script: str | Path, package_dir: Path = PACKAGE_DIR) -> list[str]:

@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .facts import Fact, FactError
-from .models import batch_tokens, blocks, key_module
+from .models import batch_tokens, blocks, key_module, pad_batch
 from .provenance import ProvenanceError, check_artifact, get_attrs, open_h5, write_h5
 
 
@@ -80,6 +80,163 @@ def leading_special_tokens(offsets: Sequence[tuple[int, int]]) -> int:
     return n
 
 
+@dataclass
+class PromptRows:
+    """One prompt per (fact, template), fact-major: the texts the model reads and where each subject sits."""
+
+    texts: list[str]
+    spans: list[tuple[int, int]]  # the subject's characters in each text
+    fact_index: list[int]
+    template_index: list[int]
+    n_templates: int
+    key_templates: list[int]  # the templates whose keys are averaged (not the bare prompt added for predictions)
+
+    @property
+    def first_rows(self) -> list[int]:
+        """The row of each fact's first template (the bare prompt when predictions are wanted)."""
+        return [i for i, t in enumerate(self.template_index) if t == 0]
+
+
+def prompt_rows(facts: Sequence[Fact], context_templates: Sequence[str] | None, predictions: bool) -> PromptRows:
+    """Every fact placed in every template; template 0 is the bare prompt "{}" when predictions are wanted."""
+    templates = list(context_templates) if context_templates else ["{}"]
+    for template in templates:
+        if template.count("{}") != 1:
+            raise ValueError(f"context template {template!r} must contain exactly one '{{}}'")
+    for fact in facts:
+        start, end = fact.subject_span
+        if fact.text[start:end] != fact.subject:
+            raise FactError(f"case_id {fact.case_id}: subject {fact.subject!r} does not occur in its prompt")
+    if predictions and templates[0] != "{}":
+        templates = ["{}"] + templates
+        key_templates = list(range(1, len(templates)))
+    else:
+        key_templates = list(range(len(templates)))
+    rows = PromptRows([], [], [], [], len(templates), key_templates)
+    for f_index, fact in enumerate(facts):
+        s, e = fact.subject_span
+        for t_index, template in enumerate(templates):
+            shift = template.index("{}")
+            rows.texts.append(template.replace("{}", fact.text, 1))
+            rows.spans.append((s + shift, e + shift))
+            rows.fact_index.append(f_index)
+            rows.template_index.append(t_index)
+    return rows
+
+
+def locate_subjects(tokenizer, facts: Sequence[Fact], rows: PromptRows, prepend_bos: bool = False):
+    """The rows' token ids and offsets (``_encode``) and each row's subject's last token."""
+    enc = _encode(tokenizer, rows.texts, prepend_bos)
+    subject_index = [subject_last_index(offsets, span, facts[f].case_id)
+                     for offsets, span, f in zip(enc["offset_mapping"], rows.spans, rows.fact_index)]
+    return enc, subject_index
+
+
+class Capture:
+    """Forward hooks that keep, for every batch, the down projections' inputs (the keys) and optionally their
+    outputs at each row's key token, and optionally the last block's output at each row's last token.
+
+    ``at(shape, cols, last)`` names those tokens before each forward; used as a context manager, the hooks are
+    removed on leaving it.
+    """
+
+    def __init__(self, model, layers: Sequence[int], module_outputs: bool = False, final_hidden: bool = False):
+        self.device = next(model.parameters()).device
+        self.layers = list(layers)
+        self.keys: dict[int, list] = {layer: [] for layer in self.layers}
+        self.outputs: dict[int, list] = {layer: [] for layer in self.layers}
+        self.final: list = []
+        self._current: dict[str, Any] = {}
+        self._handles = [key_module(model, layer).register_forward_pre_hook(self._key_hook(layer))
+                         for layer in self.layers]
+        if module_outputs:
+            self._handles += [key_module(model, layer).register_forward_hook(self._output_hook(layer))
+                              for layer in self.layers]
+        if final_hidden:
+            self._handles.append(blocks(model)[-1].register_forward_hook(self._final_hook))
+
+    def at(self, shape, cols: Sequence[int], last: Sequence[int]) -> None:
+        import torch
+
+        self._current["shape"] = shape
+        self._current["rows"] = torch.arange(shape[0], device=self.device)
+        self._current["cols"] = torch.as_tensor(cols, device=self.device)
+        self._current["last"] = torch.as_tensor(last, device=self.device)
+
+    def _gather(self, x, where: str):
+        return x[self._current["rows"], self._current[where]].float().cpu()
+
+    def _key_hook(self, layer):
+        def hook(module, args):
+            self.keys[layer].append(self._gather(batch_tokens(args[0], self._current["shape"]), "cols"))
+        return hook
+
+    def _output_hook(self, layer):
+        def hook(module, args, output):
+            self.outputs[layer].append(self._gather(batch_tokens(output, self._current["shape"]), "cols"))
+        return hook
+
+    def _final_hook(self, module, args, output):
+        self.final.append(self._gather(output[0] if isinstance(output, tuple) else output, "last"))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+        return False
+
+
+def _forward(model, ids, mask, positions, last: Sequence[int], *, predictions: bool, padding_side: str,
+             hooked: bool):
+    """One batch through the model; the logits at each row's last token when predictions are wanted, else None
+    (then only the base model runs, and only if a hook is waiting for it)."""
+    import torch
+
+    device = next(model.parameters()).device
+    inputs = dict(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                  use_cache=False)
+    with torch.inference_mode():
+        if predictions and padding_side == "left":
+            return model(**inputs, logits_to_keep=1).logits[:, -1].float().cpu()
+        if predictions:
+            return model(**inputs).logits[torch.arange(len(ids)), torch.as_tensor(last)].float().cpu()
+        if hooked:
+            model.base_model(**inputs)
+    return None
+
+
+def per_fact(captured_by_layer: Mapping[int, list], layers: Sequence[int], rows: PromptRows) -> np.ndarray:
+    """(n_facts, n_layers, width) from the batches captured at every layer: the key templates' mean (float64
+    sums, stored float32), or the one key template's rows as they are."""
+    import torch
+
+    per_layer = [torch.cat(captured_by_layer[layer]) for layer in layers]  # each (n_rows, width)
+    stacked = torch.stack(per_layer, dim=1).numpy()  # (n_rows, n_layers, width)
+    stacked = stacked.reshape(-1, rows.n_templates, len(layers), stacked.shape[-1])
+    if len(rows.key_templates) > 1:
+        return stacked[:, rows.key_templates].mean(axis=1, dtype=np.float64).astype(np.float32)
+    return stacked[:, rows.key_templates[0]]
+
+
+def score_predictions(tokenizer, facts: Sequence[Fact], logits) -> tuple[list[int], list[int], list[float], list[float]]:
+    """Argmax, target's first token, margin (logit of the target minus the largest other) and target probability
+    from each fact's next-token logits (one row per fact)."""
+    import torch
+
+    predicted, target, margin, prob = [], [], [], []
+    for row_logits, fact in zip(logits, facts):
+        tgt = target_first_token(tokenizer, fact.text, fact.target_true, fact.case_id)
+        other = row_logits.clone()
+        other[tgt] = -float("inf")
+        predicted.append(int(row_logits.argmax()))
+        target.append(tgt)
+        margin.append(float(row_logits[tgt] - other.max()))
+        prob.append(float(torch.softmax(row_logits.double(), dim=0)[tgt]))
+    return predicted, target, margin, prob
+
+
 def run_prompts(
     model,
     tokenizer,
@@ -110,123 +267,33 @@ def run_prompts(
     padding_side = padding_side or ("left" if predictions else "right")
     n_layers = len(blocks(model))
     layers = list(range(n_layers)) if layers is None else list(layers)
-    templates = list(context_templates) if context_templates else ["{}"]
-    for template in templates:
-        if template.count("{}") != 1:
-            raise ValueError(f"context template {template!r} must contain exactly one '{{}}'")
-    for fact in facts:
-        start, end = fact.subject_span
-        if fact.text[start:end] != fact.subject:
-            raise FactError(f"case_id {fact.case_id}: subject {fact.subject!r} does not occur in its prompt")
-
-    # One row per (fact, template); template 0 is the bare prompt "{}" when predictions are wanted.
-    if predictions and templates[0] != "{}":
-        templates = ["{}"] + templates
-        key_templates = list(range(1, len(templates)))
-    else:
-        key_templates = list(range(len(templates)))
-    rows: list[tuple[int, int, str, tuple[int, int]]] = []
-    for f_index, fact in enumerate(facts):
-        for t_index, template in enumerate(templates):
-            shift = template.index("{}")
-            text = template.replace("{}", fact.text, 1)
-            s, e = fact.subject_span
-            rows.append((f_index, t_index, text, (s + shift, e + shift)))
-
-    enc = _encode(tokenizer, [r[2] for r in rows], prepend_bos)
-    subject_index = [subject_last_index(enc["offset_mapping"][i], rows[i][3], facts[rows[i][0]].case_id)
-                     for i in range(len(rows))]
-    device = next(model.parameters()).device
-    captured: dict[int, list] = {layer: [] for layer in layers}
-    captured_out: dict[int, list] = {layer: [] for layer in layers}
-    captured_final: list = []
-    current: dict[str, Any] = {}
-
-    def make_hook(layer):
-        def hook(module, args):
-            x = batch_tokens(args[0], current["shape"])
-            captured[layer].append(x[current["rows"], current["cols"]].float().cpu())
-        return hook
-
-    def make_output_hook(layer):
-        def hook(module, args, output):
-            y = batch_tokens(output, current["shape"])
-            captured_out[layer].append(y[current["rows"], current["cols"]].float().cpu())
-        return hook
-
-    def final_hook(module, args, output):
-        h = output[0] if isinstance(output, tuple) else output
-        captured_final.append(h[current["rows"], current["last"]].float().cpu())
-
-    handles = [key_module(model, layer).register_forward_pre_hook(make_hook(layer)) for layer in layers]
-    if module_outputs:
-        handles += [key_module(model, layer).register_forward_hook(make_output_hook(layer)) for layer in layers]
-    if final_hidden:
-        handles.append(blocks(model)[-1].register_forward_hook(final_hook))
+    rows = prompt_rows(facts, context_templates, predictions)
+    enc, subject_index = locate_subjects(tokenizer, facts, rows, prepend_bos)
     last_logits: list = []
-    try:
-        for begin in range(0, len(rows), batch_size):
-            chunk = list(range(begin, min(begin + batch_size, len(rows))))
+    with Capture(model, layers, module_outputs, final_hidden) as capture:
+        for begin in range(0, len(rows.texts), batch_size):
+            chunk = range(begin, min(begin + batch_size, len(rows.texts)))
             seqs = [enc["input_ids"][i] for i in chunk]
-            width = max(len(s) for s in seqs)
-            ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(seqs), width), dtype=torch.long)
-            cols, last = [], []
-            for r, (i, seq) in enumerate(zip(chunk, seqs)):
-                pad = width - len(seq) if padding_side == "left" else 0
-                ids[r, pad:pad + len(seq)] = torch.as_tensor(seq)
-                mask[r, pad:pad + len(seq)] = 1
-                cols.append(pad + subject_index[i])
-                last.append(pad + len(seq) - 1)
-            positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-            current["shape"] = ids.shape
-            current["rows"] = torch.arange(len(seqs), device=device)
-            current["cols"] = torch.as_tensor(cols, device=device)
-            current["last"] = torch.as_tensor(last, device=device)
-            with torch.inference_mode():
-                if predictions and padding_side == "left":
-                    out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                position_ids=positions.to(device), use_cache=False, logits_to_keep=1)
-                    last_logits.append(out.logits[:, -1].float().cpu())
-                elif predictions:
-                    out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                position_ids=positions.to(device), use_cache=False)
-                    last_logits.append(out.logits[torch.arange(len(seqs)), torch.as_tensor(last)].float().cpu())
-                elif layers or final_hidden:
-                    model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                     position_ids=positions.to(device), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+            ids, mask, positions = pad_batch(seqs, tokenizer.pad_token_id, padding_side)
+            starts = [ids.shape[1] - len(seq) if padding_side == "left" else 0 for seq in seqs]
+            cols = [start + subject_index[i] for start, i in zip(starts, chunk)]
+            last = [start + len(seq) - 1 for start, seq in zip(starts, seqs)]
+            capture.at(ids.shape, cols, last)
+            logits = _forward(model, ids, mask, positions, last, predictions=predictions,
+                              padding_side=padding_side, hooked=bool(layers) or final_hidden)
+            if logits is not None:
+                last_logits.append(logits)
 
-    def per_fact(captured_by_layer):
-        """(n_facts, n_layers, width): the key templates' mean, as for the keys."""
-        per_layer = [torch.cat(captured_by_layer[layer]) for layer in layers]  # each (n_rows, width)
-        stacked = torch.stack(per_layer, dim=1).numpy()  # (n_rows, n_layers, width)
-        stacked = stacked.reshape(len(facts), len(templates), len(layers), stacked.shape[-1])
-        return stacked[:, key_templates].mean(axis=1, dtype=np.float64).astype(np.float32) \
-            if len(key_templates) > 1 else stacked[:, key_templates[0]]
-
-    keys = per_fact(captured) if layers else None
-    outputs = per_fact(captured_out) if layers and module_outputs else None
-    first_rows = [i for i, r in enumerate(rows) if r[1] == 0]
-    final = torch.cat(captured_final).numpy()[first_rows] if final_hidden else None
+    keys = per_fact(capture.keys, layers, rows) if layers else None
+    outputs = per_fact(capture.outputs, layers, rows) if layers and module_outputs else None
+    first_rows = rows.first_rows
+    final = torch.cat(capture.final).numpy()[first_rows] if final_hidden else None
     token_index = [subject_index[i] for i in first_rows]
     token_str = [tokenizer.convert_ids_to_tokens(enc["input_ids"][i][subject_index[i]]) for i in first_rows]
     first_position = [subject_index[i] == leading_special_tokens(enc["offset_mapping"][i]) for i in first_rows]
-    predicted, target, margin, prob = [], [], [], []
-    if predictions:
-        logits = torch.cat(last_logits)
-        for f_index, fact in enumerate(facts):
-            row_logits = logits[first_rows[f_index]]
-            tgt = target_first_token(tokenizer, fact.text, fact.target_true, fact.case_id)
-            other = row_logits.clone()
-            other[tgt] = -float("inf")
-            predicted.append(int(row_logits.argmax()))
-            target.append(tgt)
-            margin.append(float(row_logits[tgt] - other.max()))
-            prob.append(float(torch.softmax(row_logits.double(), dim=0)[tgt]))
-    return PromptRun(keys, token_index, token_str, first_position, predicted, target, margin, prob, outputs, final)
+    scores = score_predictions(tokenizer, facts, torch.cat(last_logits)[first_rows]) if predictions \
+        else ([], [], [], [])
+    return PromptRun(keys, token_index, token_str, first_position, *scores, outputs, final)
 
 
 # ------------------------------------------------------------------------------------------ storage

@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-import scipy.linalg
 
 from .provenance import ProvenanceError, check_artifact, get_attrs, open_h5, write_h5
 
@@ -21,6 +20,8 @@ NAMES = ("P", "Q", "W", "A")
 def whitened_keys(K: np.ndarray, cholesky: np.ndarray) -> np.ndarray:
     """``L^-1 K^T`` with ``C = L L^T``: keys as rows ``(n, d_m)`` in, whitened keys as columns ``(d_m, n)`` out (a
     single key ``(d_m,)`` gives ``(d_m,)``), by a triangular solve."""
+    import scipy.linalg  # here: the figure and summary jobs import this module without needing it
+
     return scipy.linalg.solve_triangular(cholesky, np.asarray(K, dtype=np.float64).T, lower=True)
 
 

@@ -444,6 +444,26 @@ def batch_tokens(x, batch_shape):
     return x.view(*batch_shape, x.shape[-1])
 
 
+def pad_batch(seqs, pad_id: int, side: str = "right"):
+    """Token id sequences as one padded batch: ids, attention mask and explicit position ids (0.. for every
+    sequence, whichever side is padded, so padding never moves a position). Left padding puts every sequence's
+    last token in the last column; a row's first token is at column ``ids.shape[1] - len(seq)`` there, 0 when
+    right-padded. (stats.pad_batch is this function for right padding.)"""
+    import torch
+
+    if side not in ("left", "right"):
+        raise ValueError(f"padding side {side!r}: left or right")
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        start = width - len(seq) if side == "left" else 0
+        ids[row, start:start + len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+        mask[row, start:start + len(seq)] = 1
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    return ids, mask, positions
+
+
 def check_layers(layers, n_layers: int, model: str) -> None:
     bad = [layer for layer in layers if not 0 <= int(layer) < n_layers]
     if bad:

@@ -12,8 +12,9 @@ from typing import Any, Mapping, Sequence
 
 import h5py
 import numpy as np
-import scipy.stats
 
+# scipy.stats (a second to import) is imported in the functions that use it: most figure jobs import this module
+# only to read densities
 from .matrices import NAMES, off_diagonal
 from .provenance import check_artifact, get_attrs, open_h5, write_h5
 
@@ -22,6 +23,7 @@ ANGLE_BAND = 5.0  # degrees around 90
 
 
 def excess_kurtosis(values: np.ndarray) -> float:
+    import scipy.stats
     return float(scipy.stats.kurtosis(np.asarray(values, dtype=np.float64)))
 
 
@@ -31,6 +33,7 @@ def angles_deg(cosines: np.ndarray) -> np.ndarray:
 
 def kde(values: np.ndarray, grid: np.ndarray) -> np.ndarray:
     """Gaussian KDE (Scott's bandwidth) of ``values`` evaluated on ``grid``."""
+    import scipy.stats
     values = np.asarray(values, dtype=np.float64)
     if np.ptp(values) == 0:
         raise ValueError("cannot estimate a density: all values are equal")
@@ -38,6 +41,7 @@ def kde(values: np.ndarray, grid: np.ndarray) -> np.ndarray:
 
 
 def describe(values: np.ndarray) -> dict[str, float]:
+    import scipy.stats
     values = np.asarray(values, dtype=np.float64)
     return {
         "excess_kurtosis": excess_kurtosis(values),
@@ -135,6 +139,7 @@ def interference_separation(relative_interference: np.ndarray, logp_drop: np.nda
     forgotten vs kept facts (Mann-Whitney U / (n_forgotten n_kept): 0.5 is chance, 1 means every forgotten fact
     received more interference than every kept one). NaN where a statistic is undefined.
     """
+    import scipy.stats
     x = np.asarray(relative_interference, dtype=np.float64)
     y = np.asarray(logp_drop, dtype=np.float64)
     lost = np.asarray(forgotten, dtype=bool)
