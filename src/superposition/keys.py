@@ -114,10 +114,6 @@ def run_prompts(
     for template in templates:
         if template.count("{}") != 1:
             raise ValueError(f"context template {template!r} must contain exactly one '{{}}'")
-    for fact in facts:
-        start, end = fact.subject_span
-        if fact.text[start:end] != fact.subject:
-            raise FactError(f"case_id {fact.case_id}: subject {fact.subject!r} does not occur in its prompt")
 
     # One row per (fact, template); template 0 is the bare prompt "{}" when predictions are wanted.
     if predictions and templates[0] != "{}":
