@@ -72,8 +72,9 @@ def _exception_name(node: ast.Raise) -> str:
     return ast.unparse(exc)
 
 
-def file_sites(path: Path) -> list[Site]:
-    rel = path.resolve().relative_to(ROOT).as_posix()
+def file_sites(path: Path, rel: str | None = None) -> list[Site]:
+    """The raise statements of one file; ``rel``: the name keys use (default: the path from the repository root)."""
+    rel = rel or path.resolve().relative_to(ROOT).as_posix()
     tree = ast.parse(path.read_text(), filename=str(path))
     sites: list[Site] = []
     counts: dict[tuple[str, str], int] = {}
@@ -175,9 +176,14 @@ def wrap_raises(original):
     return raises
 
 
+_sites_at_start: list[Site] = []
+
+
 def pytest_configure(config):
     import pytest
 
+    # the sites of the code this session imports: lines stay right even if a file is edited during the run
+    _sites_at_start[:] = raise_sites()
     if not hasattr(pytest.raises, "__wrapped__"):
         pytest.raises = wrap_raises(pytest.raises)
 
@@ -190,6 +196,7 @@ def pytest_sessionfinish(session, exitstatus):
     target = os.environ.get(HITS_ENV)
     if target:
         Path(target).write_text(json.dumps({"hits": _hits, "exitstatus": int(exitstatus),
+                                            "sites": [asdict(site) for site in _sites_at_start],
                                             "tests": session.testscollected, "failed": session.testsfailed}))
 
 
@@ -286,35 +293,39 @@ def classify(sites: list[Site], hits: list[dict], executed: dict[str, set[int]] 
 
 
 def summary(record: dict, sites: list[Site]) -> dict:
-    statuses = [record["sites"].get(s.key, {}).get("status", "not in the record") for s in sites]
-    return {"total": len(sites), "checked": statuses.count("checked"),
-            "allowed": sum(1 for s in sites if s.key in ALLOWED),
-            "failing": [s.key for s, status in zip(sites, statuses) if status != "checked" and s.key not in ALLOWED]}
+    """The audit's numbers for the current sites (by key) against a record; ``failing``: sites neither checked nor
+    allow-listed (a site the record does not know counts as unchecked: rerun the audit)."""
+    statuses = {s.key: record["sites"].get(s.key, {}).get("status", "not in the record") for s in sites}
+    checked = [k for k, status in statuses.items() if status == "checked"]
+    allowed = [k for k, status in statuses.items() if status != "checked" and k in ALLOWED]
+    return {"total": len(sites), "checked": len(checked), "allowed": len(allowed),
+            "failing": [k for k, status in statuses.items() if status != "checked" and k not in ALLOWED]}
 
 
 def render(record: dict) -> str:
     sites = record["sites"]
-    n_checked = sum(1 for e in sites.values() if e["status"] == "checked")
-    n_allowed = sum(1 for k in sites if k in ALLOWED)
+    numbers = summary(record, [Site(key, e["path"], e["line"], e["line"], e["function"], e["exception"])
+                               for key, e in sites.items()])
+    run = record["run"]
     lines = [
         "# Raise sites and the tests that check their messages",
         "",
-        "Rendered by `tests/raise_audit.py --run --write` from its record `docs/raise_audit.json`; "
-        "`tests/test_raise_audit.py` checks that every `raise` in `src/superposition` is listed here as checked "
-        "or allow-listed, and that this page is the rendered record.",
+        "Rendered by `.venv/bin/python tests/raise_audit.py --run --write` from its record `docs/raise_audit.json`; "
+        "`tests/test_raise_audit.py` fails when a `raise` in `src/superposition` is neither recorded here as "
+        "checked nor allow-listed, and when this page is not the rendered record.",
         "",
-        f"Run {record['run']['date']}: `{record['run']['command']}`, {record['run']['tests']} tests collected, "
-        f"{record['run']['failed']} failed.",
+        f"Run {run['date']}: `{run['command']}` under coverage, {run['tests']} tests collected, {run['failed']} "
+        f"failed.",
         "",
-        f"- raise sites: **{len(sites)}**",
-        f"- reached by a test that checks the message: **{n_checked}**",
-        f"- allow-listed (reason below): **{n_allowed}**",
-        f"- neither: **{len(sites) - n_checked - sum(1 for k, e in sites.items() if k in ALLOWED and e['status'] != 'checked')}**",
+        f"- raise sites: **{numbers['total']}**",
+        f"- reached by a test that checks the message: **{numbers['checked']}**",
+        f"- allow-listed (reasons below): **{numbers['allowed']}**",
+        f"- neither: **{len(numbers['failing'])}**",
         "",
         "A site is *checked* when a `with pytest.raises(...)` block caught an exception whose traceback ends on "
-        "that `raise` and the test checked its message (`match=` or `str(err.value)`); a check of a Snakemake "
-        "subprocess's output does not count. *executed*: coverage saw the line run but no test checked the "
-        "message there.",
+        "that `raise` and the test checked the message (`match=`, or `str(err.value)` in the test); the check of a "
+        "Snakemake subprocess's output does not count. *executed*: coverage saw the line run, but no test caught "
+        "its exception with a message check.",
         "",
         "## Allow-listed",
         "",
@@ -323,17 +334,16 @@ def render(record: dict) -> str:
     ]
     for key, reason in sorted(ALLOWED.items()):
         lines.append(f"| `{key}` | {sites.get(key, {}).get('status', 'not a site')} | {reason} |")
-    lines += ["", "## Every site", "", "| file | function | exception | status | a test that checks it | check |",
+    lines += ["", "## Every site", "", "| file:line | function | exception | status | a test that checks it | check |",
               "|---|---|---|---|---|---|"]
     for key, e in sites.items():
-        check = e.get("check", "").replace("|", "\\|")
-        test = e.get("test", "")
-        more = f" (+{e['n_tests'] - 1})" if e.get("n_tests", 0) > 1 else ""
-        status = e["status"] + (" (allow-listed)" if key in ALLOWED else "")
-        lines.append(f"| {e['path'].removeprefix('src/superposition/')} | `{e['function']}` | `{e['exception']}` | "
-                     f"{status} | `{test}`{more} | `{check}` |" if test else
-                     f"| {e['path'].removeprefix('src/superposition/')} | `{e['function']}` | `{e['exception']}` | "
-                     f"{status} | | |")
+        status = e["status"] + (" (allow-listed)" if key in ALLOWED and e["status"] != "checked" else "")
+        test, check = "", ""
+        if e.get("test"):
+            more = f" (+{e['n_tests'] - 1} more)" if e["n_tests"] > 1 else ""
+            test, check = f"`{e['test']}`{more}", "`" + e["check"].replace("|", "\\|") + "`"
+        lines.append(f"| {e['path'].removeprefix('src/superposition/')}:{e['line']} | `{e['function']}` | "
+                     f"`{e['exception']}` | {status} | {test} | {check} |")
     return "\n".join(lines) + "\n"
 
 
@@ -357,7 +367,7 @@ def run_suite(pytest_args: list[str]) -> dict:
             path = Path(filename).resolve()
             if path.is_relative_to(ROOT):
                 executed[path.relative_to(ROOT).as_posix()] = set(data.lines(filename) or ())
-    sites = raise_sites()
+    sites = [Site(**site) for site in run["sites"]]
     return {"run": {"date": datetime.date.today().isoformat(),
                     "command": " ".join(["pytest", *pytest_args]) if pytest_args else "pytest",
                     "tests": run["tests"], "failed": run["failed"], "exitstatus": run["exitstatus"]},

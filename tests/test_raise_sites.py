@@ -5,6 +5,7 @@ value at fault."""
 from __future__ import annotations
 
 import errno
+import re
 import json
 import os
 import signal
@@ -450,3 +451,169 @@ def test_a_whitening_of_another_width_is_named(tmp_path):
     whitening.write_whitening(path, whitening.whiten(np.eye(4)), RECORD)
     with pytest.raises(ProvenanceError, match=r"w\.h5: whitening has width 4, model 'm' has d_m 5"):
         whitening.read_whitening(path, model="m", layer=0, d_m=5)
+
+
+def test_a_token_count_the_batches_lose_is_caught(tmp_path, monkeypatch):
+    """The guard behind the statistics: every real token of the shard is counted (a batching bug would lose some)."""
+    real = stats.pad_batch
+
+    def losing_the_last_token(docs, pad_id):
+        ids, mask, positions = real(docs, pad_id)
+        mask[0, int(mask[0].sum()) - 1] = 0
+        return ids, mask, positions
+
+    monkeypatch.setattr(stats, "pad_batch", losing_the_last_token)
+    docs = [np.arange(4, 10, dtype=np.int32), np.arange(10, 13, dtype=np.int32)]
+    with pytest.raises(RuntimeError, match=r"counted 7 tokens but the shard has 9"):
+        stats.collect_second_moments(tiny_model("llama"), docs, [0], tmp_path / "s.h5", {"model": "tiny"}, pad_id=0,
+                                     max_batch=1, progress=False)
+
+
+# ------------------------------------------------------------------------------------------------- jobs
+
+
+def _predictions(path: Path, case_ids, columns=None) -> Path:
+    from superposition.jobs.facts import PREDICTION_COLUMNS
+
+    columns = columns or PREDICTION_COLUMNS
+    rows = [dict.fromkeys(columns, "0") | {"case_id": str(c), "known": "1", "first_position": "0"} for c in case_ids]
+    provenance.write_table(path, rows, columns)
+    return path
+
+
+def test_fact_predictions_of_another_layout_or_other_facts_are_refused(tmp_path):
+    from superposition.jobs import facts as facts_job
+
+    probe, _ = facts.load_facts({"source": "probe"})
+    case_ids = [f.case_id for f in probe]
+    with pytest.raises(ProvenanceError, match=r"old\.tsv lacks columns \['first_position', 'margin'"):
+        facts_job.read_predictions(str(_predictions(tmp_path / "old.tsv", case_ids, ["case_id", "known"])))
+    cfg = {"source": "probe", "m": 2, "pool_size": 4, "prompt_mode": "as_is", "case_ids": None}
+    with pytest.raises(ProvenanceError, match=r"p\.tsv predicts other facts than the current facts file; rerun "
+                                              r"fact_predictions"):
+        facts_job.known_facts(["m"], [str(_predictions(tmp_path / "p.tsv", case_ids[:-1]))], cfg,
+                              str(tmp_path / "known.tsv"), str(tmp_path / "selection.json"))
+
+
+def _manifest(tmp_path: Path, d_m: int = 3) -> str:
+    path = tmp_path / "model.json"
+    write_json(path, {"name": "m", "path": str(tmp_path), "model_type": "llama", "n_layers": 2, "d_m": d_m,
+                      "fingerprint": "r1"})
+    return str(path)
+
+
+def test_an_import_with_a_foreign_key_scale_a_misnamed_file_or_no_source_is_refused(tmp_path):
+    from superposition.jobs.covariance import imported_covariance
+
+    model_json = _manifest(tmp_path)
+    scale = tmp_path / "key_scale.json"
+    write_json(scale, {"model": "other", "layers": {"0": {"mean": 1.0, "median": 1.0}}})
+    npz = tmp_path / "stats.npz"
+    npz.write_bytes(b"")
+    with pytest.raises(ProvenanceError, match=r"key_scale\.json holds the key scale of model 'other' layers \['0'\], "
+                                              r"expected model 'm' layer 0"):
+        imported_covariance(model_json, str(npz), str(scale), 0, {"source": "rome_npz"}, str(tmp_path / "C.h5"))
+    write_json(scale, {"model": "m", "layers": {"0": {"mean": 1.0, "median": 1.0}}})
+    with pytest.raises(ProvenanceError, match=r"stats\.npz is not named as ROME names the statistics of "
+                                              r"model\.layers\.0\.mlp\.down_proj \(layer 0\)"):
+        imported_covariance(model_json, str(npz), str(scale), 0, {"source": "rome_npz"}, str(tmp_path / "C.h5"))
+    with pytest.raises(ValueError, match=r"models\.m\.statistics\.source is 'computed': nothing to import"):
+        imported_covariance(model_json, str(npz), str(scale), 0, {"source": "computed"}, str(tmp_path / "C.h5"))
+    assert not (tmp_path / "C.h5").exists()
+
+
+# ------------------------------------------------------------------------------------------------- jobs, on the tiny run
+
+
+def _tiny(tiny_run):
+    import yaml
+
+    from superposition import settings as settings_mod
+
+    tmp, cfg_path = tiny_run
+    return tmp / "results", yaml.safe_load(Path(cfg_path).read_text()), settings_mod
+
+
+def _copy_json(src: Path, dst: Path, **changes) -> str:
+    write_json(dst, {**json.loads(src.read_text()), **changes})
+    return str(dst)
+
+
+def test_covariance_and_export_refuse_counts_and_corpora_that_disagree(tiny_run, tmp_path):
+    import h5py
+
+    from superposition.jobs.covariance import covariance, export_rome, verify_rome_export
+
+    r, _, _ = _tiny(tiny_run)
+    model_json, corpus_json = r / "models/tiny/model.json", r / "corpus/tiny/manifest.json"
+    shards = []
+    for path in sorted((r / "stats/tiny").glob("shard-*.h5")):
+        with h5py.File(path) as f:
+            if "layer_1/sum" in f:
+                shards.append(str(path))
+    tokens = json.loads(corpus_json.read_text())["corpus_tokens"]
+    more = _copy_json(corpus_json, tmp_path / "more.json", corpus_tokens=tokens + 1)
+    with pytest.raises(ProvenanceError, match=rf"layer 1: the statistics shards counted {tokens} tokens but "
+                                              rf".*more\.json says the corpus has {tokens + 1}"):
+        covariance(str(model_json), more, shards, 1, str(tmp_path / "C.h5"))
+
+    C1 = str(r / "covariance/tiny/layer-1.h5")
+    other = _copy_json(corpus_json, tmp_path / "other.json", corpus_fingerprint="another corpus")
+    with pytest.raises(ProvenanceError, match=r"layer-1\.h5 was computed on another corpus than .*other\.json; "
+                                              r"rerun covariance"):
+        export_rome(str(model_json), [C1], [1], other, str(tmp_path / "x"), str(tmp_path / "x.json"))
+    with pytest.raises(ProvenanceError, match=r"layer-1\.h5 was computed on a corpus \(corpus_id '.*'\) but no "
+                                              r"corpus manifest was given"):
+        export_rome(str(model_json), [C1], [1], None, str(tmp_path / "x"), str(tmp_path / "x.json"))
+
+    out = tmp_path / "rome_stats"
+    record = export_rome(str(model_json), [C1], [1], str(corpus_json), str(out / "wikipedia_stats"),
+                         str(out / "manifest.json"))
+    verify_rome_export(out / "manifest.json")  # as written: every file matches
+    [name] = record["files"]
+    exported = out / "wikipedia_stats" / name
+    data = bytearray(exported.read_bytes())
+    data[-1] ^= 0xFF
+    exported.write_bytes(bytes(data))
+    with pytest.raises(ProvenanceError, match=rf"{re.escape(name)} does not match the sha256 in .*manifest\.json"):
+        verify_rome_export(out / "manifest.json")
+
+
+def test_matrices_and_editing_refuse_keys_and_covariances_of_other_runs(tiny_run, tmp_path):
+    import h5py
+
+    from superposition.jobs import facts_source
+    from superposition.jobs.editing import lifelong_edit
+    from superposition.jobs.matrices import matrices
+
+    r, config, settings_mod = _tiny(tiny_run)
+    model_json, keys_h5 = str(r / "models/tiny/model.json"), str(r / "keys/tiny.h5")
+    w1, C1 = str(r / "whitening/tiny/layer-1.h5"), str(r / "covariance/tiny/layer-1.h5")
+    selection = json.loads((r / "facts/selection.json").read_text())
+    swapped = _copy_json(r / "facts/selection.json", tmp_path / "swapped.json",
+                         selected=selection["selected"][::-1], pool=selection["pool"][::-1])
+    with pytest.raises(ProvenanceError, match=r"tiny\.h5 holds keys of other facts than .*swapped\.json selects; "
+                                              r"rerun keys"):
+        matrices(model_json, keys_h5, w1, swapped, 1, str(tmp_path / "m.h5"))
+
+    cfg = settings_mod.rule_settings(config, "lifelong_edit")
+    out = [str(tmp_path / f"e.{k}") for k in ("steps.tsv", "facts.tsv", "h5")]
+
+    def edit(covariance_path=C1, selection_path=str(r / "facts/selection.json"), **editing_cfg):
+        lifelong_edit(model_json, keys_h5, w1, covariance_path, selection_path, facts_source(cfg), cfg["stats"],
+                      {**cfg["editing"], **editing_cfg}, 1, *out)
+
+    with pytest.raises(ProvenanceError, match=r"tiny\.h5 holds keys of other facts than .*swapped\.json selects"):
+        edit(selection_path=swapped)
+    foreign = tmp_path / "layer-1.h5"
+    foreign.write_bytes(Path(C1).read_bytes())
+    with h5py.File(foreign, "a") as f:
+        f.attrs["corpus_fingerprint"] = "another corpus"
+    with pytest.raises(ProvenanceError, match=rf"{re.escape(str(foreign))} and .*whitening/tiny/layer-1\.h5 come from "
+                                              rf"different corpora"):
+        edit(covariance_path=str(foreign))
+    with pytest.raises(editing.EditingError, match=r"tiny layer 1: no eigenvalue of C is below "
+                                                   r"editing\.null_space_threshold=1e-300, i\.e\. 1\.000e-300 .*: "
+                                                   r"raise it"):
+        edit(methods=["null_space"], null_space_threshold=1e-300, null_space_relative=None)
+    assert not any(Path(p).exists() for p in out)
