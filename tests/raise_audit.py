@@ -5,7 +5,7 @@ It has three parts, all in this file:
 * ``raise_sites()`` lists every ``raise`` statement in ``src/superposition/**/*.py`` from the AST: file, line,
   function, exception. A site's key is ``file::function::exception#n`` (n counts the raises of that exception in
   that function), so it survives edits that only move lines.
-* A pytest plugin (``-p raise_audit``) wraps ``pytest.raises``: when a ``with pytest.raises(...)`` block catches
+* A pytest plugin (this module; ``-p raise_audit`` with tests/ on the path) wraps ``pytest.raises``: when a ``with pytest.raises(...)`` block catches
   an exception whose traceback ends on a library ``raise`` line, it records the site, the test and how the test
   checked the message: ``match=`` (a non-empty pattern) or, in the test's own code, ``str(err.value)``,
   ``err.value.args``, ``err.match(...)`` or ``f"{err.value}"`` on the ``as`` name. A raise that is caught
@@ -13,13 +13,16 @@ It has three parts, all in this file:
 * The command (``.venv/bin/python tests/raise_audit.py --run``) runs the whole suite under ``coverage`` with the
   plugin, then classifies every site: *checked* (a test caught it and checked its message), *executed* (coverage
   saw the line run, no test checked its message), *unreached*; it writes the result to docs/raise_audit.json and
-  renders docs/raise_sites.md (``--write``). Without ``--run`` it reports from the recorded result.
+  renders docs/raise_sites.md (``--write``). Without ``--run`` it reports from the recorded result (and
+  ``--write`` re-renders the page). ``--run --merge --write tests/test_x.py`` runs some tests only and keeps the
+  record's other checked sites: for a new test, without the whole suite. Exit status 1 while a site is neither
+  checked nor allow-listed.
 
 ``tests/test_raise_audit.py`` (part of the normal suite, well under a second) fails when a raise site in the source
 is neither recorded as checked nor in ``ALLOWED`` below (each entry with its reason), when an allow-list entry names
 no site, when a recorded test no longer exists, and when docs/raise_sites.md is not the rendered record; it also
 checks the plugin's attribution on a real library raise. The full audit is a separate command because it is the
-whole suite (about 11 minutes on two cores, a little more under coverage).
+whole suite under coverage; the suite itself only reads its record, so the suite's time does not grow.
 """
 
 from __future__ import annotations
@@ -315,7 +318,8 @@ def render(record: dict) -> str:
         "checked nor allow-listed, and when this page is not the rendered record.",
         "",
         f"Run {run['date']}: `{run['command']}` under coverage, {run['tests']} tests collected, {run['failed']} "
-        f"failed.",
+        f"failed." + "".join(f" Merged {m['date']}: `{m['command']}`, {m['tests']} tests, {m['failed']} failed."
+                             for m in run.get("merged", [])),
         "",
         f"- raise sites: **{numbers['total']}**",
         f"- reached by a test that checks the message: **{numbers['checked']}**",
@@ -350,10 +354,11 @@ def render(record: dict) -> str:
 def run_suite(pytest_args: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         hits_file, data_file = Path(tmp) / "hits.json", Path(tmp) / "coverage"
-        env = {**os.environ, HITS_ENV: str(hits_file),
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))}
+        # this file runs pytest with itself as a plugin (--inner): nothing is added to the environment the tests'
+        # Snakemake subprocesses inherit but the name of the hits file
+        env = {**os.environ, HITS_ENV: str(hits_file)}
         command = [sys.executable, "-m", "coverage", "run", f"--data-file={data_file}", f"--source={SRC}",
-                   "-m", "pytest", "-p", "raise_audit", *pytest_args]
+                   str(Path(__file__).resolve()), "--inner", *pytest_args]
         subprocess.run(command, cwd=ROOT, env=env, check=False)
         if not hits_file.exists():
             sys.exit("the test run wrote no hits file (did pytest start?)")
@@ -375,13 +380,26 @@ def run_suite(pytest_args: list[str]) -> dict:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--inner"]:  # the suite itself, under coverage, with this module as its plugin
+        import pytest
+
+        return pytest.main(argv[1:], plugins=[sys.modules[__name__]])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", action="store_true", help="run the suite under coverage with the plugin first")
     parser.add_argument("--write", action="store_true", help="write docs/raise_audit.json and docs/raise_sites.md")
+    parser.add_argument("--merge", action="store_true",
+                        help="with --run on some tests: keep the record's checked sites this run does not check")
     parser.add_argument("pytest_args", nargs="*", help="passed to pytest with --run (default: the whole suite)")
     args = parser.parse_args(argv)
     if args.run:
         record = run_suite(args.pytest_args)
+        if args.merge:
+            old = json.loads(RECORD.read_text())
+            for key, entry in record["sites"].items():
+                if entry["status"] != "checked" and old["sites"].get(key, {}).get("status") == "checked":
+                    record["sites"][key] = old["sites"][key]
+            record["run"] = {**old["run"], "merged": [*old["run"].get("merged", []), record["run"]]}
     else:
         record = json.loads(RECORD.read_text())
     if args.write:

@@ -5,6 +5,7 @@ the audit's own machinery attributes a caught exception to its site and sees how
 from __future__ import annotations
 
 import json
+import os
 import re
 import textwrap
 
@@ -18,6 +19,8 @@ RERUN = "rerun the audit: .venv/bin/python tests/raise_audit.py --run --write (t
 
 @pytest.fixture(scope="module")
 def record():
+    if os.environ.get(audit.HITS_ENV):
+        pytest.skip("the audit's own run is rebuilding the record")
     return json.loads(audit.RECORD.read_text())
 
 
