@@ -82,11 +82,13 @@ def model_layers(config: dict[str, Any], name: str) -> list[int]:
     """Layers to analyse for one model (``layers: all`` or a list; a model entry may override)."""
     spec = model_specs(config)[name]
     n_layers = n_layers_of(spec, config.get("results", DEFAULT_RESULTS))
-    wanted = (config["models"][name] or {}).get("layers", config.get("layers", "all"))
+    entry = config["models"][name] or {}
+    wanted = entry.get("layers", config.get("layers", "all"))
     if wanted == "all":
         return list(range(n_layers))
     if not isinstance(wanted, list) or not wanted:
-        raise ConfigError(f"layers must be 'all' or a non-empty list of integers, got {wanted!r}")
+        key = f"models.{name}.layers" if "layers" in entry else "layers"
+        raise ConfigError(f"{key} must be 'all' or a non-empty list of integers, got {wanted!r}")
     check_layers(wanted, n_layers, name)
     return sorted(set(int(x) for x in wanted))
 

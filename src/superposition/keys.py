@@ -103,10 +103,6 @@ def prompt_rows(facts: Sequence[Fact], context_templates: Sequence[str] | None, 
     for template in templates:
         if template.count("{}") != 1:
             raise ValueError(f"context template {template!r} must contain exactly one '{{}}'")
-    for fact in facts:
-        start, end = fact.subject_span
-        if fact.text[start:end] != fact.subject:
-            raise FactError(f"case_id {fact.case_id}: subject {fact.subject!r} does not occur in its prompt")
     if predictions and templates[0] != "{}":
         templates = ["{}"] + templates
         key_templates = list(range(1, len(templates)))

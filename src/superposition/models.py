@@ -214,7 +214,8 @@ def architecture(config: Any) -> dict[str, Any]:
     if d_m is None and family.ratio_default:
         d_m = family.ratio_default * hidden
     if d_m is None:
-        raise UnsupportedModelError(f"cannot find the MLP width of model_type {config.model_type!r}")
+        raise UnsupportedModelError(f"cannot find the MLP width of model_type {config.model_type!r}: its config sets "
+                                    f"none of {', '.join(family.d_m_keys)}")
     context = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
     return {
         "model_type": config.model_type,

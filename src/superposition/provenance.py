@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -121,7 +122,8 @@ def write_h5(path: str | os.PathLike, datasets: Mapping[str, Any], record: Mappi
 
 def write_json(path: str | os.PathLike, payload: Any) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=_json_default) + "\n")
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=False,
+                                  default=functools.partial(_json_default, where=str(path))) + "\n")
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -133,14 +135,14 @@ def read_json(path: str | os.PathLike) -> Any:
         raise ProvenanceError(f"{path}: not valid JSON ({err})") from err
 
 
-def _json_default(value: Any) -> Any:
+def _json_default(value: Any, where: str = "a value") -> Any:
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray):
         return value.tolist()
     if isinstance(value, Path):
         return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+    raise TypeError(f"{where}: a value of type {type(value).__name__} is not JSON serialisable")
 
 
 def set_attrs(obj: h5py.Group | h5py.Dataset, record: dict[str, Any]) -> None:
@@ -149,7 +151,7 @@ def set_attrs(obj: h5py.Group | h5py.Dataset, record: dict[str, Any]) -> None:
         if value is None:
             obj.attrs[key] = "null"
         elif isinstance(value, (dict, list, tuple, np.ndarray)):
-            obj.attrs[key] = json.dumps(value, default=_json_default)
+            obj.attrs[key] = json.dumps(value, default=functools.partial(_json_default, where=f"attribute {key!r}"))
         elif isinstance(value, np.generic):
             obj.attrs[key] = value.item()
         elif isinstance(value, str):
@@ -209,17 +211,6 @@ def check_artifact(attrs: dict[str, Any], path: str | os.PathLike, what: str, ru
         if have != want:
             raise ProvenanceError(f"{path}: this {what} has {key} = {have!r} but {want!r} was expected (it was made "
                                   f"for another model, revision or layer): delete it and rerun the {rule} rule")
-
-
-def expect(record: dict[str, Any], path: str | os.PathLike, **expected: Any) -> None:
-    """Check provenance fields of an artifact; a mismatch names the file, the field and both values."""
-    for key, want in expected.items():
-        have = record.get(key)
-        if have != want:
-            raise ProvenanceError(
-                f"{path}: {key} is {have!r} but {want!r} was expected; this artifact belongs to another "
-                f"run (delete it or fix the config)"
-            )
 
 
 def write_table(path, rows: Iterable[dict[str, Any]], cols: Sequence[str]) -> None:

@@ -31,12 +31,14 @@ def angles_deg(cosines: np.ndarray) -> np.ndarray:
     return np.degrees(np.arccos(np.clip(cosines, -1.0, 1.0)))
 
 
-def kde(values: np.ndarray, grid: np.ndarray) -> np.ndarray:
-    """Gaussian KDE (Scott's bandwidth) of ``values`` evaluated on ``grid``."""
+def kde(values: np.ndarray, grid: np.ndarray, what: str = "the values") -> np.ndarray:
+    """Gaussian KDE (Scott's bandwidth) of ``values`` (``what``, for the error) evaluated on ``grid``."""
     import scipy.stats
+
     values = np.asarray(values, dtype=np.float64)
-    if np.ptp(values) == 0:
-        raise ValueError("cannot estimate a density: all values are equal")
+    if values.size == 0 or np.ptp(values) == 0:
+        raise ValueError(f"cannot estimate the density of {what}: all {values.size} values are equal"
+                         + (f" ({values[0]:g})" if values.size else ""))
     return scipy.stats.gaussian_kde(values, bw_method="scott")(grid)
 
 

@@ -18,7 +18,8 @@ def covariance(model_json: str, corpus_manifest: str, stats_paths: Sequence[str]
         stats_paths, layer, model=models.identity(manifest), d_m=manifest["d_m"],
         corpus_fingerprint=corpus["corpus_fingerprint"], n_shards=corpus["n_shards"])
     if count != corpus["corpus_tokens"]:
-        raise ProvenanceError(f"layer {layer}: shards counted {count} tokens, the corpus has {corpus['corpus_tokens']}")
+        raise ProvenanceError(f"layer {layer}: the statistics shards counted {count} tokens but {corpus_manifest} says "
+                              f"the corpus has {corpus['corpus_tokens']}: rerun activation_stats")
     record = {**models.provenance_of(manifest), **environment(), "layer": layer,
               "corpus_id": corpus["corpus_id"], "corpus_fingerprint": corpus["corpus_fingerprint"], "shards": shards}
     stats_mod.write_covariance(out_path, total / count, count, record)

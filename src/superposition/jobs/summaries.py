@@ -55,16 +55,17 @@ def kde(model_json: str, matrix_paths: Sequence[str], layers: Sequence[int], sel
     manifest, selection, each = _layer_matrices(model_json, matrix_paths, layers, selection_path)
     grid = np.linspace(float(kde_grid[0]), float(kde_grid[1]), int(kde_grid[2]))
     curves, angle_curves, q_grids = {"P": {}, "W": {}, "A": {}, "Q": {}}, {"W": {}, "A": {}}, {}
-    for layer, mats, _ in each:
+    for (layer, mats, _), path in zip(each, matrix_paths):
         for name in ("P", "W", "A"):
-            curves[name][layer] = summ.kde(matrices_mod.off_diagonal(mats[name]), grid)
+            curves[name][layer] = summ.kde(matrices_mod.off_diagonal(mats[name]), grid,
+                                           f"the off-diagonal {name} of {path}")
         q_off = matrices_mod.off_diagonal(mats["Q"])
         pad = 0.1 * (q_off.max() - q_off.min())
         q_grids[layer] = np.linspace(q_off.min() - pad, q_off.max() + pad, len(grid))
-        curves["Q"][layer] = summ.kde(q_off, q_grids[layer])
+        curves["Q"][layer] = summ.kde(q_off, q_grids[layer], f"the off-diagonal Q of {path}")
         for name in ("W", "A"):
             angle_curves[name][layer] = summ.kde(summ.angles_deg(matrices_mod.off_diagonal(mats[name])),
-                                                 ANGLE_GRID_DEG)
+                                                 ANGLE_GRID_DEG, f"the {name} angles of {path}")
     summ.write_kdes(out_kde, grid, curves, ANGLE_GRID_DEG, angle_curves, q_grids,
                     {**models.provenance_of(manifest), **environment(), "layers": list(layers),
                      "case_ids": selection["selected"]})
