@@ -168,7 +168,10 @@ def resampling_files(wildcards):
     """The per-layer ladder and jackknife of a computed model (none for imported statistics)."""
     if sp_config.is_imported(config, wildcards.model):
         return []
-    return [res(f"resampling/{wildcards.model}/layer-{layer}.h5") for layer in layers_of(wildcards.model)]
+    return [
+        res(f"resampling/{wildcards.model}/layer-{layer}.h5")
+        for layer in layers_of(wildcards.model)
+    ]
 
 
 def study_layers(model):

@@ -201,7 +201,10 @@ rule figure_convergence:
             res("figures/{model}/convergence.png"),
             caption="../report/convergence.rst",
             category="Per model",
-            labels={"model": "{model}", "figure": "convergence of the statistics with the corpus size"},
+            labels={
+                "model": "{model}",
+                "figure": "convergence of the statistics with the corpus size",
+            },
         ),
         pdf=res("figures/{model}/convergence.pdf"),
     log:
