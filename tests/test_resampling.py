@@ -219,3 +219,46 @@ def test_the_whole_corpus_spectrum_given_is_the_one_computed():
     for name in ("min_eigenvalue", "max_eigenvalue", "condition_number"):
         assert reused["ladder"][-1][name] == pytest.approx(given["ladder"][-1][name], rel=1e-10)
     assert reused["ladder"][-1]["P_std"] == given["full"]["P_std"]
+
+
+def test_the_resampling_job_refuses_keys_or_whitening_that_are_not_its_statistics(tiny_run, tmp_path):
+    """The job's own checks on a finished tiny run: keys of another selection, whitening of another ridge; and the
+    summaries job's check that the jackknife's estimate is of its matrices."""
+    import json
+    import shutil
+
+    from superposition import whitening as whitening_mod
+    from superposition.jobs.resampling import resampling
+    from superposition.jobs.summaries import summaries
+    from superposition.provenance import ProvenanceError
+
+    tmp, _ = tiny_run
+    res = tmp / "results"
+    stats_files = sorted(str(p) for p in (res / "stats/tiny").glob("shard-*.h5"))
+    cfg = {"null_space_threshold": 0.02, "null_space_relative": 1e-3, "top_pairs": 5, "confidence": 0.95}
+    args = dict(model_json=str(res / "models/tiny/model.json"), corpus_manifest=str(res / "corpus/tiny/manifest.json"),
+                stats_paths=stats_files, keys_path=str(res / "keys/tiny.h5"),
+                whitening_path=str(res / "whitening/tiny/layer-1.h5"), selection_path=str(res / "facts/selection.json"),
+                layer=1, ridge=0.0, cfg=cfg, out_h5=str(tmp_path / "r.h5"))
+    selection = json.loads((res / "facts/selection.json").read_text())
+    other = tmp_path / "selection.json"
+    other.write_text(json.dumps({**selection, "selected": selection["selected"][::-1]}))
+    with pytest.raises(ProvenanceError, match="keys/tiny.h5 holds keys of other facts than .*selection.json selects; "
+                                              "rerun keys"):
+        resampling(**{**args, "selection_path": str(other)})
+    w, attrs = whitening_mod.read_whitening(args["whitening_path"], model="tiny", layer=1, d_m=48)
+    ridged = tmp_path / "whitening.h5"
+    whitening_mod.write_whitening(ridged, whitening_mod.Whitening(w.eigenvalues, w.cholesky, 0.5), attrs)
+    with pytest.raises(ProvenanceError, match="whitening.h5 is of another corpus or ridge than the statistics; rerun "
+                                              "whitening"):
+        resampling(**{**args, "whitening_path": str(ridged)})
+    # a resampling file whose whole-corpus estimate is not the matrices' (here: of layer 1, given for layer 0)
+    shutil.copy(res / "resampling/tiny/layer-1.h5", tmp_path / "layer-0.h5")
+    import h5py
+
+    with h5py.File(tmp_path / "layer-0.h5", "a") as f:
+        f.attrs["layer"] = 0
+    with pytest.raises(ProvenanceError, match="layer-0.h5: P excess kurtosis .* differs from the matrices' .*; rerun "
+                                              "resampling"):
+        summaries(str(res / "models/tiny/model.json"), [str(res / "matrices/tiny/layer-0.h5")], [0],
+                  str(res / "facts/selection.json"), str(tmp_path / "layers.tsv"), [str(tmp_path / "layer-0.h5")])

@@ -254,7 +254,7 @@ def test_every_figure_rule_wrote_a_decodable_png_and_a_pdf(tiny_run):
     pngs = sorted(figures.rglob("*.png"))
     names = {p.relative_to(figures).as_posix() for p in pngs}
     assert names == {"tiny/p_heatmaps.png", "tiny/p_kde.png", "tiny/kurtosis_vs_m.png",
-                     "tiny/editing_curves.layer-1.png", "tiny/editing_interference.layer-1.png",
+                     "tiny/editing_curves.layer-1.png", "tiny/editing_interference.layer-1.png", "tiny/convergence.png",
                      "fig3_p_heatmaps_first_layer.png", "fig4_p_kde_first_layer.png", "fig5_kurtosis_vs_layer.png",
                      "fig6_angles_last_layer.png", "kurtosis_vs_size.png"}
     for png in pngs:
@@ -282,7 +282,8 @@ def test_adding_a_model_schedules_only_its_jobs(tiny_run):
     counts = dry_run_counts(tmp, cfg, models=models)
     per_model = {"model_snapshot": 1, "corpus_shards": 1, "activation_stats": 2, "covariance": 3, "whitening": 3,
                  "keys": 1, "matrices": 3, "top_pairs": 1, "summaries": 1, "kde": 1, "kurtosis_vs_m": 1, "figure_heatmaps": 1, "figure_kde": 1,
-                 "figure_kurtosis_vs_m": 1, "lifelong_edit": 1, "figure_editing": 1}
+                 "figure_kurtosis_vs_m": 1, "lifelong_edit": 1, "figure_editing": 1, "resampling": 3, "convergence": 1,
+                 "figure_convergence": 1}
     across_models = {"figure_p_across_models": 1, "figure_kde_across_models": 1, "figure_kurtosis_vs_layer": 1,
                      "figure_angles": 1, "figure_kurtosis_vs_size": 1, "all": 1}
     assert counts == {**per_model, **across_models}
