@@ -118,6 +118,11 @@ CONFIG_CHANGES = {
     "editing.null_space_relative": ({"editing.null_space_relative": 1.0e-3}, EDITING),
     "editing.methods": ({"editing.methods": ["closed_form", "control"]}, EDITING),
     "editing.control_protects_edits": ({"editing.control_protects_edits": True}, EDITING),
+    "editing.kl_factor": ({"editing.kl_factor": 0.0625}, EDITING),
+    # MEMIT's keys matter only when editing.methods includes memit (not in the default methods): no rerun
+    "editing.memit_layers": ({"editing.memit_layers": 2}, set()),
+    "editing.memit_batch_size": ({"editing.memit_batch_size": 1}, set()),
+    "editing.memit_mom2_weight": ({"editing.memit_mom2_weight": 1.0e4}, set()),
 }
 
 # module -> rules whose jobs rerun after a code change in it (by hand, from what each job module imports)

@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import scipy.linalg
 
+from .config import ConfigError, check_memit_batches
 from .facts import Fact, FactError
 from .keys import run_prompts, subject_last_index, target_first_token
 from .matrices import gram_whitened, p_matrix, whitened_keys
@@ -311,31 +312,11 @@ class EditConfig:
         if unknown or not out.methods or len(set(out.methods)) != len(out.methods):
             raise EditingError(f"editing.methods is {out.methods}: list one or more of {list(METHODS)}, each once")
         if "memit" in out.methods:
-            check_memit_settings(out.memit_layers, out.memit_batch_size, out.eval_every, out.memit_mom2_weight)
+            try:
+                check_memit_batches(out.eval_every, out.memit_batch_size)
+            except ConfigError as err:
+                raise EditingError(str(err)) from None
         return out
-
-
-def check_memit_settings(n_layers: int, batch_size: int, eval_every: int, mom2_weight: float) -> None:
-    """MEMIT's settings, checked before anything runs (also by config validation): each names its key."""
-    if not isinstance(n_layers, int) or n_layers < 1:
-        raise EditingError(f"editing.memit_layers is {n_layers!r}: the number of layers MEMIT spreads an update "
-                           f"over (ending at editing.layer) must be an integer >= 1")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise EditingError(f"editing.memit_batch_size is {batch_size!r}: must be an integer >= 1")
-    if eval_every % batch_size:
-        raise EditingError(f"editing.eval_every ({eval_every}) is not a multiple of editing.memit_batch_size "
-                           f"({batch_size}): an evaluation would fall inside a MEMIT batch")
-    if not mom2_weight > 0:
-        raise EditingError(f"editing.memit_mom2_weight is {mom2_weight!r}: MEMIT's lambda must be > 0")
-
-
-def memit_layer_range(edit_layer: int, n_layers: int) -> list[int]:
-    """MEMIT's layers: ``n_layers`` consecutive layers ending at the edited layer (where z is targeted)."""
-    first = edit_layer - n_layers + 1
-    if first < 0:
-        raise EditingError(f"editing.memit_layers is {n_layers} but the edited layer is {edit_layer}: the range "
-                           f"would start at layer {first}; lower editing.memit_layers or raise editing.layer")
-    return list(range(first, edit_layer + 1))
 
 
 # Columns of one evaluation (run_sequence's step rows) per method. Measured from the model's own forward:
