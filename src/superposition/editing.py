@@ -12,9 +12,12 @@ fact's subject token in the edited model's own forward pass (hooked, float32 as 
 model's output) against that prediction. The algebraic change ``(W_n - W_0) K`` of the float64 master copy equals
 the prediction by construction and is reported as a ``consistency_*`` check only.
 
-Three methods run the same edits (``METHODS``): the closed form; an AlphaEdit-style update restricted to the
-approximate null space of C; and an interference-free control, the minimum-C-norm rank-one update that maps k_e to
-delta_e and leaves every retained fact's key (optionally also every earlier edit's key) exactly unchanged.
+Four methods run the same edits (``METHODS``, one ``Method`` class each, its ``edit``/``update`` step separate from
+the evaluation loop in ``run_sequence``): the closed form; an AlphaEdit-style update restricted to the approximate
+null space of C; an interference-free control, the minimum-C-norm rank-one update that maps k_e to delta_e and leaves
+every retained fact's key (optionally also every earlier edit's key) exactly unchanged; and MEMIT, batches spread over
+several layers, whose lower-layer edits move the edited layer's keys, so that its measured interference departs
+from the keys-fixed prediction (measured and reported). The value search optionally adds ROME's essence-drift KL.
 
 Pure functions over arrays (the updates, the prediction, the projector) are separate from the model loop so tests
 check the algebra without a model. Weights are kept as a float64 master copy; the model holds them in its dtype.
