@@ -104,3 +104,17 @@ def test_memit_layers_must_be_analysed(cfg):
     sp_config.validate(c)
     assert sp_config.memit_layers(c, "smollm2-135m") == [13, 14, 15]
     assert sp_config.memit_layers(changed(c, "editing", methods=["closed_form"]), "smollm2-135m") == []
+
+
+def test_the_lifelong_config_is_valid(tmp_path):
+    """config/lifelong.yaml (not the default run) passes the schema and the semantic checks; MEMIT's layers are
+    among its analysed ones."""
+    from snakemake.utils import validate
+
+    from superposition import settings
+
+    c = yaml.safe_load((REPO / "config/lifelong.yaml").read_text())
+    c["results"] = str(tmp_path / "results")
+    validate(c, str(settings.SCHEMA_PATH))
+    sp_config.validate(c)
+    assert sp_config.memit_layers(c, "smollm2-135m") == [11, 12, 13, 14, 15]
