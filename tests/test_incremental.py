@@ -142,7 +142,7 @@ MODULE_CHANGES = {
     "jobs/summaries": SUMMARY_JOBS,
     "plots": FIGURES, "jobs/figures": FIGURES,
     "editing": EDITING, "jobs/editing": EDITING,
-    "config": set(),  # plans the DAG; no job runs its code
+    "config": EDITING,  # plans the DAG; of the jobs only the editing job runs it (MEMIT's layer range and batch check)
     "sizing": set(),  # sizes the jobs while the DAG is built; no job runs its code
     "fingerprint": set(),  # computes the fingerprints; no job runs its code
 }
