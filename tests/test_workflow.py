@@ -98,7 +98,7 @@ def test_tiny_workflow_outputs_and_provenance(tiny_run):
 
 
 def test_lifelong_editing_outputs(tiny_run):
-    from superposition import editing
+    from superposition import editing, settings
     from superposition.provenance import read_table
 
     tmp, _ = tiny_run
