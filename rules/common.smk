@@ -198,6 +198,14 @@ def edit_layer_of(model):
     return sp_config.edit_layer(config, model)
 
 
+def memit_whitening(wildcards):
+    """The whitening files of the layers MEMIT edits (lowest first), none unless memit is in editing.methods."""
+    return [
+        res(f"whitening/{wildcards.model}/layer-{x}.h5")
+        for x in sp_config.memit_layers(config, wildcards.model)
+    ]
+
+
 def editing_figures():
     return [
         res(f"figures/{m}/{kind}.layer-{edit_layer_of(m)}.png")

@@ -6,6 +6,8 @@ rule lifelong_edit:
         covariance=res("covariance/{model}/layer-{layer}.h5"),
         selection=res("facts/selection.json"),
         facts=facts_input(),
+        # MEMIT's layers' whitening (their Cholesky factors of C); empty unless memit is in editing.methods
+        memit_whitening=memit_whitening,
     output:
         steps=report(
             res("editing/{model}/layer-{layer}.steps.tsv"),

@@ -42,6 +42,10 @@ def test_the_default_config_is_valid(cfg):
     ("summaries", {"kde_grid": [1.5, -1.5, 601]}, "summaries.kde_grid is [1.5, -1.5, 601]: its minimum"),
     ("editing", {"models": ["nope"]}, "editing.models names 'nope'"),
     ("editing", {"layer": 40}, "editing.layer 40 is out of range"),
+    ("editing", {"methods": ["memit"], "layer": 2, "memit_layers": 5},
+     "editing.memit_layers is 5 but the edited layer is 2"),
+    ("editing", {"methods": ["memit"], "eval_every": 5, "memit_batch_size": 2},
+     "editing.eval_every (5) is not a multiple of editing.memit_batch_size (2)"),
 ])
 def test_semantic_errors_name_the_key(cfg, section, values, message):
     with pytest.raises(sp_config.ConfigError, match=None) as err:
@@ -88,3 +92,29 @@ def test_d_m_that_disagrees_with_the_snapshot_is_a_config_error(cfg):
     cfg["models"]["gemma3-270m"]["d_m"] = 1024
     with pytest.raises(sp_config.ConfigError, match="models.gemma3-270m.d_m is 1024 but the snapshot .* has d_m 2048"):
         sp_config.validate(cfg)
+
+
+def test_memit_layers_must_be_analysed(cfg):
+    c = changed(cfg, "editing", methods=["closed_form", "memit"], layer=15, memit_layers=3)
+    c["layers"] = [12, 15, 17]
+    with pytest.raises(sp_config.ConfigError, match=r"editing.memit_layers is 3: MEMIT edits layers 13..15 of "
+                                                    r"'smollm2-135m', but layers \[13, 14\] are not among the analysed"):
+        sp_config.validate(c)
+    c["layers"] = [13, 14, 15, 17]
+    sp_config.validate(c)
+    assert sp_config.memit_layers(c, "smollm2-135m") == [13, 14, 15]
+    assert sp_config.memit_layers(changed(c, "editing", methods=["closed_form"]), "smollm2-135m") == []
+
+
+def test_the_lifelong_config_is_valid(tmp_path):
+    """config/lifelong.yaml (not the default run) passes the schema and the semantic checks; MEMIT's layers are
+    among its analysed ones."""
+    from snakemake.utils import validate
+
+    from superposition import settings
+
+    c = yaml.safe_load((REPO / "config/lifelong.yaml").read_text())
+    c["results"] = str(tmp_path / "results")
+    validate(c, str(settings.SCHEMA_PATH))
+    sp_config.validate(c)
+    assert sp_config.memit_layers(c, "smollm2-135m") == [11, 12, 13, 14, 15]

@@ -146,8 +146,8 @@ def test_one_edit_on_the_offline_model_makes_target_new_the_argmax(smollm2):
     defaults = rule_settings({}, "lifelong_edit")  # the schema's defaults
     cfg = editing.EditConfig.from_config({**defaults["editing"], "batch_size": defaults["facts"]["batch_size"],
                                           "n_edits": 1, "eval_every": 1, "value_steps": 40})
-    out = editing.run_sequence(model, tokenizer, module, "closed_form", facts[:1], facts[1:], K, [0], [1, 2], L,
-                               editing.pool_p_matrix(K, L), None, cfg)
+    setup = editing.EditSetup(model, tokenizer, module, K, [1, 2], L, editing.pool_p_matrix(K, L), cfg)
+    out = editing.run_sequence(setup, editing.make_method("closed_form", setup), facts[:1], [0], facts[1:])
     assert out.final_success.tolist() == [True], out.steps
     assert out.steps[-1]["consistency_rel_error"] < 1e-10  # algebra of the float64 master copy
     # measured in the model's float32 forward at the retained facts' subject tokens
@@ -323,8 +323,8 @@ def test_the_control_edits_leave_the_retained_facts_unchanged_in_the_model():
                                           "value_steps": 5, "control_protects_edits": True})
     W_before = module.weight.detach().clone()
     P = editing.pool_p_matrix(K, L)
-    runs = {m: editing.run_sequence(model, tokenizer, module, m, TINY_FACTS[:2], TINY_FACTS[2:], K, [0, 1],
-                                    [2, 3, 4, 5], L, P, None, cfg, log=lambda s: None)
+    setup = editing.EditSetup(model, tokenizer, module, K, [2, 3, 4, 5], L, P, cfg, log=lambda s: None)
+    runs = {m: editing.run_sequence(setup, editing.make_method(m, setup), TINY_FACTS[:2], [0, 1], TINY_FACTS[2:])
             for m in ("closed_form", "control")}
     assert torch.equal(module.weight, W_before)
     cf, control = runs["closed_form"].steps[-1], runs["control"].steps[-1]
@@ -339,16 +339,16 @@ def test_the_control_edits_leave_the_retained_facts_unchanged_in_the_model():
     dv = runs["control"].consistency_dv
     np.testing.assert_allclose(dv[:, 0], runs["control"].deltas[0], rtol=1e-8)
     # the unedited evaluation of an earlier method, reused, gives the same run as evaluating it again
-    reused = editing.run_sequence(model, tokenizer, module, "control", TINY_FACTS[:2], TINY_FACTS[2:], K, [0, 1],
-                                  [2, 3, 4, 5], L, P, None, cfg, log=lambda s: None,
-                                  unedited=runs["closed_form"].unedited)
+    reused = editing.run_sequence(setup, editing.make_method("control", setup), TINY_FACTS[:2], [0, 1],
+                                  TINY_FACTS[2:], unedited=runs["closed_form"].unedited)
     assert reused.unedited is runs["closed_form"].unedited and len(reused.eval_seconds) == 2
     for got, want in zip(reused.steps, runs["control"].steps, strict=True):  # the same numbers (NaN at n = 0)
         assert got.keys() == want.keys()
         np.testing.assert_array_equal([got[k] for k in sorted(got)], [want[k] for k in sorted(want)])
     with pytest.raises(editing.EditingError, match="null_space method needs the null-space projector"):
-        editing.run_sequence(model, tokenizer, module, "null_space", TINY_FACTS[:1], TINY_FACTS[2:], K, [0],
-                             [2, 3], L, P, None, cfg)
+        editing.make_method("null_space", setup)
+    with pytest.raises(editing.EditingError, match="memit method needs its layers"):
+        editing.make_method("memit", setup)
 
 
 def test_methods_setting_is_checked():
@@ -358,3 +358,217 @@ def test_methods_setting_is_checked():
     for bad in ([], ["closed_form", "closed_form"], ["rome"]):
         with pytest.raises(editing.EditingError, match="editing.methods"):
             editing.EditConfig.from_config({**base, "methods": bad})
+
+
+# ------------------------------------------------------------------------------------------------ MEMIT
+
+
+def _memit_objective_lstsq(keys, residuals, C, mom2_weight):
+    """MEMIT's layer objective min ||dW K - R||^2 + lambda tr(dW C dW^T), solved directly: with C = L L^T it is
+    the least-squares problem dW [K, sqrt(lambda) L] = [R, 0]."""
+    L = np.linalg.cholesky(C)
+    A = np.hstack([keys, np.sqrt(mom2_weight) * L])  # (d_m, b + d_m)
+    B = np.hstack([residuals, np.zeros((residuals.shape[0], L.shape[1]))])
+    return np.linalg.lstsq(A.T, B.T, rcond=None)[0].T
+
+
+def test_memit_update_is_the_least_squares_solution_of_its_objective():
+    rng = np.random.default_rng(11)
+    d_m, d_out, b = 20, 6, 4
+    C = _random_spd(rng, d_m)
+    L = scipy.linalg.cholesky(C, lower=True)
+    K, R = rng.standard_normal((d_m, b)), rng.standard_normal((d_out, b))
+    for lam in (1e-3, 1.0, 1.5e4):
+        got = editing.memit_update(R, K, L, lam)
+        want = _memit_objective_lstsq(K, R, C, lam)
+        np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-12 * np.abs(want).max())
+    # small lambda: the batch's keys get their residuals (b < d_m); large lambda: the update shrinks towards 0
+    np.testing.assert_allclose(editing.memit_update(R, K, L, 1e-9) @ K, R, rtol=1e-6, atol=1e-8)
+    assert np.linalg.norm(editing.memit_update(R, K, L, 1e6)) < 1e-3 * np.linalg.norm(editing.memit_update(R, K, L, 1.0))
+
+
+def _memit_setup(model, tokenizer, layers, cfg_overrides, facts=TINY_FACTS, n_edit=2, log=lambda s: None):
+    """An EditSetup on a tiny model with MEMIT's layers: C of each from real keys of random token sequences."""
+    edit_layer = layers[-1]
+    defaults = rule_settings({}, "lifelong_edit")
+    cfg = editing.EditConfig.from_config({**defaults["editing"], "batch_size": 4, "methods": ["closed_form", "memit"],
+                                          "memit_layers": len(layers), **cfg_overrides})
+    run = keys_mod.run_prompts(model, tokenizer, facts, layers=layers, predictions=False)
+    memit_layers = {}
+    for i, layer in enumerate(layers):
+        keys = _capture_keys(model, layer)
+        C = keys.T @ keys / len(keys)
+        memit_layers[layer] = editing.MemitLayer(scipy.linalg.cholesky(C, lower=True),
+                                                 run.keys[:, i].astype(np.float64))
+    top = memit_layers[edit_layer]
+    setup = editing.EditSetup(model, tokenizer, models.key_module(model, edit_layer), top.K_pool,
+                              list(range(n_edit, len(facts))), top.cholesky,
+                              editing.pool_p_matrix(top.K_pool, top.cholesky), cfg, log=log,
+                              memit_layers=memit_layers)
+    return setup, cfg
+
+
+def _states_independently(model, tokenizer, facts, key_layer, h_layer):
+    """Keys at key_layer (run_prompts) and the residual stream after block h_layer (output_hidden_states) at each
+    fact's subject token: not the code under test."""
+    keys = keys_mod.run_prompts(model, tokenizer, facts, layers=[key_layer], predictions=False)
+    hs = []
+    for fact, index in zip(facts, keys.token_index):
+        ids = torch.as_tensor([tokenizer(fact.text)["input_ids"]])
+        with torch.no_grad():
+            hs.append(model(input_ids=ids, output_hidden_states=True).hidden_states[h_layer + 1][0, index].numpy())
+    return keys.keys[:, 0].astype(np.float64), np.asarray(hs, dtype=np.float64)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])  # nn.Linear and Conv1D (weights stored transposed)
+def test_memit_batch_on_a_tiny_float64_model_solves_its_per_layer_objective(model_type):
+    """One MEMIT batch of two edits over layers 0 and 1 of a float64 tiny model (layer 1 is not the last block, so
+    hidden_states[2] is the residual stream, not normed): z = h_1 + delta; at each layer the keys and h_1 are those of
+    the model with the lower layers already edited, the residual is (z - h_1) / (remaining layers), and the update
+    is the least-squares solution of MEMIT's objective with that layer's C."""
+    from conftest import tiny_tokenizer
+
+    model, tokenizer = tiny_model(model_type).double(), tiny_tokenizer()
+    layers, lam = [0, 1], 0.5
+    setup, cfg = _memit_setup(model, tokenizer, layers, {"memit_batch_size": 2, "eval_every": 2, "n_edits": 2,
+                                                           "value_steps": 5, "memit_mom2_weight": lam})
+    method = editing.make_method("memit", setup)
+    assert method.batch_size == 2 and method.layers == layers
+    W0 = {x: editing.weight_matrix(models.key_module(model, x)) for x in layers}
+    edits = TINY_FACTS[:2]
+    out = editing.MethodRun("memit")
+    method.edit(out, edits, [0, 1], 0)
+    assert len(out.deltas) == 2 and len(out.edit_seconds) == 2
+    for x in layers:  # the master copies are what the model now holds (the checks below reset the weights)
+        np.testing.assert_allclose(editing.weight_matrix(models.key_module(model, x)), method.W[x], rtol=0,
+                                   atol=1e-12)
+    records = {r["layer"]: r for r in method.last_batch}
+    # z: the unedited residual stream after block 1 plus each edit's value vector
+    _, h_before = _states_independently(_with_weights(model, W0), tokenizer, edits, 0, 1)
+    z = h_before + np.asarray(out.deltas)
+    np.testing.assert_allclose(records[1]["z"], z, rtol=1e-10, atol=1e-10)
+    for i, layer in enumerate(layers):
+        # the model as it was before this layer's update: lower layers edited, this and higher ones not
+        partial = {x: W0[x] + (records[x]["update"] if x < layer else 0) for x in layers}
+        keys, h_now = _states_independently(_with_weights(model, partial), tokenizer, edits, layer, 1)
+        # run_prompts returns keys in float32: agreement to float32 rounding
+        np.testing.assert_allclose(records[layer]["keys"], keys, rtol=1e-6, atol=1e-8)
+        np.testing.assert_allclose(records[layer]["residuals"], (z - h_now).T / (len(layers) - i), rtol=1e-9,
+                                   atol=1e-10)
+        C = _chol_to_c(setup.memit_layers[layer].cholesky)
+        # the objective with the keys just checked (in float64) and the independently computed residuals
+        want = _memit_objective_lstsq(records[layer]["keys"].T, (z - h_now).T / (len(layers) - i), C, lam)
+        np.testing.assert_allclose(records[layer]["update"], want, rtol=1e-7, atol=1e-10 * np.abs(want).max())
+    # layer 0's edit really moved layer 1's keys, far beyond that rounding (so the recomputation matters)
+    unedited_keys = _states_independently(_with_weights(model, W0), tokenizer, edits, 1, 1)[0]
+    assert np.linalg.norm(records[1]["keys"] - unedited_keys) > 1e-3 * np.linalg.norm(unedited_keys)
+    method.restore()  # restore() puts the unedited weights back
+    for x in layers:
+        np.testing.assert_array_equal(editing.weight_matrix(models.key_module(model, x)), W0[x])
+
+
+def _chol_to_c(L):
+    return L @ L.T
+
+
+def _with_weights(model, weights):
+    """The model with the given down projections set (in place: the caller's sequence of checks resets them)."""
+    for layer, W in weights.items():
+        editing.set_weight_matrix(models.key_module(model, layer), W)
+    return model
+
+
+def test_memit_runs_in_sequence_and_measures_where_the_keys_fixed_prediction_fails():
+    """MEMIT over two layers in batches on a tiny Llama: the steps report how far the measured change at the edited
+    layer departs from (W_n - W_0) K_0, the prediction with the keys fixed; that departure is the lower layer's
+    edit moving the keys (key_change_mean). Over a single layer the keys stay put and the prediction holds to
+    float32 rounding."""
+    from conftest import tiny_tokenizer
+
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    W_before = {x: models.key_module(model, x).weight.detach().clone() for x in (0, 1)}
+    common = {"n_edits": 2, "eval_every": 2, "value_steps": 5, "memit_batch_size": 1, "memit_mom2_weight": 1.0}
+    results = {}
+    for layers in ([0, 1], [1]):
+        setup, cfg = _memit_setup(model, tokenizer, layers, common)
+        assert setup.eval_layers == [1] + ([0] if layers == [0, 1] else [])
+        cf = editing.run_sequence(setup, editing.make_method("closed_form", setup), TINY_FACTS[:2], [0, 1],
+                                  TINY_FACTS[2:])
+        run = editing.run_sequence(setup, editing.make_method("memit", setup), TINY_FACTS[:2], [0, 1],
+                                   TINY_FACTS[2:], unedited=cf.unedited)
+        assert [r["n_edits"] for r in run.steps] == [0, 2]
+        assert set(run.steps[-1]) == {"n_edits", *editing.step_fields("memit")}
+        assert sorted(run.layer_changes) == layers
+        results[tuple(layers)] = run.steps[-1]
+        for x in (0, 1):
+            assert torch.equal(models.key_module(model, x).weight, W_before[x])
+    two, one = results[(0, 1)], results[(1,)]
+    assert one["key_change_mean"] < 1e-6 and one["prediction_rel_error"] < 1e-3, one
+    assert two["key_change_mean"] > 1e-4, two
+    assert two["prediction_rel_error"] > 10 * one["prediction_rel_error"], (one, two)
+    assert two["measured_interference_mean"] > 0
+
+
+def test_memit_refuses_a_model_that_normalises_its_mlp_output():
+    from conftest import tiny_tokenizer
+
+    model, tokenizer = tiny_model("gemma3_text"), tiny_tokenizer()
+    setup, _ = _memit_setup(model, tokenizer, [0, 1], {"memit_batch_size": 1})
+    with pytest.raises(editing.EditingError, match="normalises its MLP output.*drop memit from editing.methods"):
+        editing.make_method("memit", setup)
+
+
+def test_memit_settings_are_checked():
+    defaults = rule_settings({}, "lifelong_edit")
+    base = {**defaults["editing"], "batch_size": 4, "methods": ["memit"]}
+    with pytest.raises(editing.EditingError, match=r"editing.eval_every \(5\) is not a multiple of "
+                                                   r"editing.memit_batch_size \(2\)"):
+        editing.EditConfig.from_config({**base, "memit_batch_size": 2})
+    editing.EditConfig.from_config({**base, "memit_batch_size": 2, "methods": ["closed_form"]})  # ignored then
+
+
+# ------------------------------------------------------------------------------------------ ROME's KL term
+
+
+def _kl_after(model, tokenizer, module, fact, delta, prompt=editing.KL_PROMPT):
+    """KL(p || p_0) at the subject's last token of "{subject} is a" with delta added to module's output there,
+    computed independently of optimise_value."""
+    text = prompt.format(fact.subject)
+    ids = torch.as_tensor([tokenizer(text)["input_ids"]])
+    index = len(tokenizer(prompt[: prompt.index("{}")] + fact.subject)["input_ids"]) - 1
+
+    def add(mod, args, output):
+        output = output.clone()
+        output[0, index] += torch.as_tensor(delta, dtype=output.dtype)
+        return output
+
+    with torch.no_grad():
+        p0 = torch.log_softmax(model(input_ids=ids).logits[0, index].double(), -1)
+        handle = module.register_forward_hook(add)
+        p = torch.log_softmax(model(input_ids=ids).logits[0, index].double(), -1)
+        handle.remove()
+    return float((p.exp() * (p - p0)).sum())
+
+
+def test_kl_term_lowers_the_essence_drift_and_off_runs_no_second_forward():
+    from conftest import tiny_tokenizer
+
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    fact = Fact(0, "{} is a native speaker of", "Vladimir Mayakovsky", "Russian")
+    module = models.key_module(model, 1)
+    calls = []
+    handle = model.register_forward_pre_hook(lambda mod, args, kwargs: calls.append(1), with_kwargs=True)
+    common = dict(steps=25, lr=0.5, weight_decay=0.0, clamp_norm_factor=100.0, early_stop_nll=0.0)
+    off = editing.optimise_value(model, tokenizer, module, fact, "Spanish", **common)
+    n_off = len(calls)
+    calls.clear()
+    on = editing.optimise_value(model, tokenizer, module, fact, "Spanish", kl_factor=5.0, **common)
+    handle.remove()
+    assert n_off == off.steps and len(calls) == 2 * on.steps  # off: one forward a step; on: the KL prompt too
+    assert np.isnan(off.kl) and np.isfinite(on.kl) and on.kl >= 0
+    kl_off = _kl_after(model, tokenizer, module, fact, off.delta)
+    kl_on = _kl_after(model, tokenizer, module, fact, on.delta)
+    assert kl_off > 1e-3, kl_off  # without the term the vector moves what the model says after the subject
+    assert kl_on < 0.5 * kl_off, (kl_on, kl_off)
+    # the search still moves towards the target (its nll below the unedited one)
+    assert on.nll < editing.optimise_value(model, tokenizer, module, fact, "Spanish", **{**common, "steps": 1}).nll

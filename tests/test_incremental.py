@@ -134,6 +134,11 @@ CONFIG_CHANGES = {
     "editing.null_space_relative": ({"editing.null_space_relative": 1.0e-3}, EDITING),
     "editing.methods": ({"editing.methods": ["closed_form", "control"]}, EDITING),
     "editing.control_protects_edits": ({"editing.control_protects_edits": True}, EDITING),
+    "editing.kl_factor": ({"editing.kl_factor": 0.0625}, EDITING),
+    # MEMIT's keys matter only when editing.methods includes memit (not in the default methods): no rerun
+    "editing.memit_layers": ({"editing.memit_layers": 2}, set()),
+    "editing.memit_batch_size": ({"editing.memit_batch_size": 1}, set()),
+    "editing.memit_mom2_weight": ({"editing.memit_mom2_weight": 1.0e4}, set()),
 }
 
 # module -> rules whose jobs rerun after a code change in it (by hand, from what each job module imports)
@@ -154,7 +159,7 @@ MODULE_CHANGES = {
     "jobs/summaries": SUMMARY_JOBS,
     "plots": FIGURES, "jobs/figures": FIGURES,
     "editing": EDITING, "jobs/editing": EDITING,
-    "config": set(),  # plans the DAG; no job runs its code
+    "config": EDITING,  # plans the DAG; of the jobs only the editing job runs it (MEMIT's layer range and batch check)
     "sizing": set(),  # sizes the jobs while the DAG is built; no job runs its code
     "fingerprint": set(),  # computes the fingerprints; no job runs its code
 }

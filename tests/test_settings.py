@@ -134,6 +134,16 @@ def test_the_order_of_models_means_nothing():
     assert settings.rule_settings(a, "figure_angles") == settings.rule_settings(b, "figure_angles")
 
 
+def test_a_key_that_matters_when_a_list_includes_a_value():
+    """editing.memit_* matter (are params of lifelong_edit) only when editing.methods includes memit."""
+    with_memit = settings.result_params({"editing": {"methods": ["closed_form", "memit"]}}, "lifelong_edit")
+    without = settings.result_params({"editing": {"methods": ["closed_form", "control"]}}, "lifelong_edit")
+    names = {"editing.memit_layers", "editing.memit_batch_size", "editing.memit_mom2_weight"}
+    assert names <= {v.split(" = ")[0] for v in with_memit.values()}
+    assert not names & {v.split(" = ")[0] for v in without.values()}
+    assert "(only when methods includes memit)" in settings.rerun_table()
+
+
 def test_imports_and_docstrings_are_found_in_every_kind_of_statement_body(tmp_path):
     """Branches, loops, handlers, finally, with, match cases, classes and nested functions hold imports too."""
     pkg = tmp_path / "superposition"

@@ -98,7 +98,7 @@ def test_tiny_workflow_outputs_and_provenance(tiny_run):
 
 
 def test_lifelong_editing_outputs(tiny_run):
-    from superposition import editing
+    from superposition import editing, settings
     from superposition.provenance import read_table
 
     tmp, _ = tiny_run
@@ -106,7 +106,8 @@ def test_lifelong_editing_outputs(tiny_run):
     steps = read_table(res / "layer-1.steps.tsv")
     assert [int(r["n_edits"]) for r in steps] == [0, 1, 2]
     # every configured method's columns (the default: all three), nothing else
-    assert list(steps[0]) == ["step", "n_edits"] + [f"{m}_{k}" for m in editing.METHODS for k in editing.step_fields(m)]
+    default_methods = settings.rule_settings({}, "lifelong_edit")["editing"]["methods"]
+    assert list(steps[0]) == ["step", "n_edits"] + [f"{m}_{k}" for m in default_methods for k in editing.step_fields(m)]
     # measured in the edited model's forward: the layer's output change at the retained facts' subject tokens is
     # what P predicts, up to float32 rounding; the algebraic consistency check is float64 round-off
     assert all(float(r["closed_form_prediction_rel_error"]) < 1e-3 for r in steps)
@@ -126,7 +127,7 @@ def test_lifelong_editing_outputs(tiny_run):
     assert [r["role"] for r in facts] == ["edited", "edited", "retained", "retained"]
     assert [int(r["case_id"]) for r in facts] == [4, 0, 1, 2]  # the selection's order
     assert all(r["target_new"] and r["target_new"] != r["target_true"] for r in facts[:2])
-    assert all(r[f"{m}_success"] in ("0", "1") for r in facts[:2] for m in editing.METHODS)
+    assert all(r[f"{m}_success"] in ("0", "1") for r in facts[:2] for m in default_methods)
     assert all(float(r["control_measured_interference"]) < 1e-3 * float(r["closed_form_measured_interference"])
                for r in facts[2:])
     with h5py.File(res / "layer-1.h5") as f:
@@ -143,7 +144,7 @@ def test_lifelong_editing_outputs(tiny_run):
         np.testing.assert_allclose(f["control/key_gain"][()], 1.0, atol=1e-9)
         # the saved weight change of the edited layer reproduces the algebraic output change on every key
         keys = h5py.File(tmp / "results/keys/tiny.h5")["keys"][:, 1, :].astype(np.float64)
-        for method in editing.METHODS:
+        for method in ("closed_form", "null_space", "control"):  # the default editing.methods
             np.testing.assert_allclose(f[method]["weight_change"][()] @ keys.T, f[method]["consistency_dv"][()],
                                        rtol=1e-10, atol=1e-12)
     # the figure's statistics are a table too, computed from the per-fact table
@@ -198,6 +199,38 @@ def test_lifelong_editing_runs_the_configured_methods_only(tiny_run, tmp_path):
     assert all(Path(p).stat().st_size > 0 for p in figures.values())
     (row,) = read_table(tmp_path / "separation.tsv")
     assert row["method"] == "none" and int(row["n_retained"]) == 2 and row["auc_forgotten_vs_kept"] in ("", "nan")
+
+
+def test_lifelong_editing_with_memit_reads_its_layers_statistics(tiny_run, tmp_path):
+    """The job with MEMIT over layers 0-1 of the tiny run (its layers' whitening files as inputs): MEMIT's columns,
+    every layer's saved weight change, its key drift recorded apart from the pipeline-key check; a whitening file
+    missing from the list is an error."""
+    from superposition import config as sp_config, settings
+    from superposition.jobs import facts_source
+    from superposition.jobs.editing import lifelong_edit
+    from superposition.provenance import ProvenanceError, read_table
+
+    tmp, cfg_path = tiny_run
+    config = yaml.safe_load(Path(cfg_path).read_text())
+    config["editing"].update({"methods": ["closed_form", "memit"], "memit_layers": 2, "memit_batch_size": 1,
+                              "memit_mom2_weight": 1.0})
+    assert sp_config.memit_layers(config, "tiny") == [0, 1]
+    cfg = settings.rule_settings(config, "lifelong_edit")
+    r = tmp / "results"
+    out = {k: str(tmp_path / f"layer-1.{k}") for k in ("steps.tsv", "facts.tsv", "h5")}
+    args = (str(r / "models/tiny/model.json"), str(r / "keys/tiny.h5"), str(r / "whitening/tiny/layer-1.h5"),
+            str(r / "covariance/tiny/layer-1.h5"), str(r / "facts/selection.json"), facts_source(cfg), cfg["stats"],
+            cfg["editing"], 1, out["steps.tsv"], out["facts.tsv"], out["h5"])
+    with pytest.raises(ProvenanceError, match=r"MEMIT edits layers \[0, 1\] but 1 whitening files were given"):
+        lifelong_edit(*args, [str(r / "whitening/tiny/layer-1.h5")])
+    lifelong_edit(*args, [str(r / f"whitening/tiny/layer-{x}.h5") for x in (0, 1)])
+    steps = read_table(out["steps.tsv"])
+    assert {"memit_prediction_rel_error", "memit_prediction_rel_error_layers", "memit_key_change_mean"} <= set(steps[0])
+    assert float(steps[-1]["memit_key_change_mean"]) > 0  # layer 0's edits moved layer 1's keys
+    with h5py.File(out["h5"]) as f:
+        assert sorted(f["memit/layer_changes"]) == ["0", "1"]
+        np.testing.assert_array_equal(f["memit/layer_changes/1"][()], f["memit/weight_change"][()])
+        assert json.loads(f.attrs["memit_layers"]) == [0, 1] and f.attrs["memit_key_drift_max"] > 0
 
 
 def test_rome_export_matches_the_covariance_and_its_manifest_verifies(tiny_run):

@@ -186,6 +186,45 @@ def edit_layer(config: dict[str, Any], name: str) -> int:
     return int(requested)
 
 
+def _editing_setting(config: dict[str, Any], name: str) -> Any:
+    """editing.{name}, or the schema's default."""
+    from . import settings
+
+    key = next(k for k in settings.declared_keys() if k.path == ("editing", name))
+    return settings.value_of(config, key)
+
+
+def memit_layer_range(edit_layer_: int, n_layers: int) -> list[int]:
+    """MEMIT's layers: ``n_layers`` (editing.memit_layers) consecutive layers ending at the edited layer."""
+    first = edit_layer_ - n_layers + 1
+    if first < 0:
+        raise ConfigError(f"editing.memit_layers is {n_layers} but the edited layer is {edit_layer_}: MEMIT's "
+                          f"range would start at layer {first}; lower editing.memit_layers or raise editing.layer")
+    return list(range(first, edit_layer_ + 1))
+
+
+def check_memit_batches(eval_every: int, batch_size: int) -> None:
+    if eval_every % batch_size:
+        raise ConfigError(f"editing.eval_every ({eval_every}) is not a multiple of editing.memit_batch_size "
+                          f"({batch_size}): an evaluation would fall inside a MEMIT batch")
+
+
+def memit_layers(config: dict[str, Any], name: str) -> list[int]:
+    """The layers MEMIT edits in model ``name`` (each needs its C), or [] when memit is not in editing.methods."""
+    if "memit" not in _editing_setting(config, "methods"):
+        return []
+    n_layers = _editing_setting(config, "memit_layers")
+    layer = edit_layer(config, name)
+    wanted = memit_layer_range(layer, n_layers)
+    analysed = set(model_layers(config, name))
+    missing = [x for x in wanted if x not in analysed]
+    if missing:
+        raise ConfigError(f"editing.memit_layers is {n_layers}: MEMIT edits layers {wanted[0]}..{layer} of "
+                          f"{name!r}, but layers {missing} are not among the analysed layers (each needs its C): "
+                          f"add them to layers or lower editing.memit_layers")
+    return wanted
+
+
 def statistics_of(config: dict[str, Any], name: str) -> dict[str, Any]:
     """models.{name}.statistics with its defaults: where the model's C comes from."""
     entry = (config["models"][name] or {}).get("statistics") or {}
@@ -274,6 +313,9 @@ def validate(config: dict[str, Any]) -> None:
     if editing.get("enabled", True):
         for name in editing.get("models") or specs:
             edit_layer(config, name)
+            memit_layers(config, name)
+        if "memit" in _editing_setting(config, "methods"):
+            check_memit_batches(_editing_setting(config, "eval_every"), _editing_setting(config, "memit_batch_size"))
     corpus = config["corpus"]
     if corpus["source"] == "local" and not corpus.get("path"):
         raise ConfigError("corpus.source is 'local' but corpus.path is not set")

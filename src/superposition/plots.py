@@ -210,21 +210,33 @@ def kurtosis_vs_size(points: Sequence[tuple], png, pdf, dpi: int) -> None:
     save(fig, png, pdf, dpi)
 
 
-METHOD_STYLE = {"closed_form": ("closed form (ROME/MEMIT)", "tab:red"),
+METHOD_STYLE = {"closed_form": ("closed form (ROME)", "tab:red"),
                 "null_space": ("null-space projected (AlphaEdit-style)", "tab:blue"),
-                "control": ("interference-free control (min C-norm)", "tab:green")}
+                "control": ("interference-free control (min C-norm)", "tab:green"),
+                "memit": ("MEMIT (batched, multi-layer)", "tab:purple")}
 
 
 def editing_curves(n_edits: np.ndarray, series: dict[str, dict[str, np.ndarray]], title: str, png, pdf,
                    dpi: int) -> None:
     """Edit success, retention of unedited known facts and their mean drop of log p(true object) vs the number of
-    sequential edits, one curve per method in ``series`` (any subset of the methods)."""
-    fig, axes = plt.subplots(1, 3, figsize=(11.0, 3.2), sharex=True)
+    sequential edits, one curve per method in ``series`` (any subset of the methods); where a method has a
+    ``prediction_rel_error`` series (closed form: sum p delta; MEMIT: the keys-fixed (W_n - W_0) K_0), a fourth
+    panel shows how far the measured change of the edited layer's output departs from that prediction."""
+    predicted = {m: v["prediction_rel_error"] for m, v in series.items()
+                 if "prediction_rel_error" in v and np.isfinite(v["prediction_rel_error"][1:]).any()}
+    n_panels = 4 if predicted else 3
+    fig, axes = plt.subplots(1, n_panels, figsize=(3.7 * n_panels, 3.2), sharex=True)
     for method, values in series.items():
         text, color = METHOD_STYLE.get(method, (method, None))
         axes[0].plot(n_edits[1:], values["edit_success"][1:], "o-", ms=3, color=color, label=text)
         axes[1].plot(n_edits, values["retention"], "o-", ms=3, color=color, label=text)
         axes[2].plot(n_edits, values["logp_drop_mean"], "o-", ms=3, color=color, label=text)
+    for method, error in predicted.items():
+        text, color = METHOD_STYLE.get(method, (method, None))
+        axes[3].plot(n_edits[1:], error[1:], "o-", ms=3, color=color, label=text)
+    if predicted:
+        axes[3].set_yscale("log")
+        axes[3].set_ylabel("|measured - predicted| / |measured|\nat the edited layer")
     axes[0].set_ylabel("edit success (target_new is the argmax)")
     axes[1].set_ylabel("retention (unedited facts still known)")
     axes[2].set_ylabel("mean drop of log p(true object)")

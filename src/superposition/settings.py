@@ -113,7 +113,9 @@ def matters(config: dict[str, Any], key: Key, model: str | None = None) -> bool:
         other = by_path.get(key.path[:-1] + (sibling,))
         if other is None:
             raise SettingsError(f"schema key {key.name}: x-when names {sibling!r}, which is not a sibling key")
-        if value_of(config, other, model) not in values:
+        value = value_of(config, other, model)
+        # a list-valued sibling (editing.methods) matters when it includes one of the values
+        if not (any(v in values for v in value) if isinstance(value, list) else value in values):
             return False
     return True
 
@@ -210,7 +212,10 @@ def rerun_table() -> str:
         else:
             effect = "the jobs whose files it adds or renames"
         if key.when:
-            effect += " (only when " + " and ".join(f"{s} is {' or '.join('null' if x is None else str(x) for x in v)}" for s, v in key.when) + ")"
+            by_path = {k.path: k for k in declared_keys()}
+            effect += " (only when " + " and ".join(
+                f"{s} {'includes' if isinstance(by_path[key.path[:-1] + (s,)].default, list) else 'is'} "
+                f"{' or '.join('null' if x is None else str(x) for x in v)}" for s, v in key.when) + ")"
         default = f"`{_canonical(key.default)}`" if has_default(key) else ""
         lines.append(f"| `{key.name}` | {key.kind} | {effect} | {default} | {key.description} |")
     return "\n".join(lines)

@@ -15,4 +15,5 @@ lifelong_edit(
     snakemake.output.steps,
     snakemake.output.facts,
     snakemake.output.h5,
+    list(snakemake.input.memit_whitening),
 )

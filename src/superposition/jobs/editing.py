@@ -1,4 +1,4 @@
-"""lifelong_edit: sequential closed-form, null-space and control edits of one layer, and the interference P predicts,
+"""lifelong_edit: sequential closed-form, null-space, control and MEMIT edits, and the interference P predicts,
 measured in the edited model's own forward pass."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from .. import config as config_mod
 from .. import editing
 from .. import facts as facts_mod
 from .. import keys as keys_mod
@@ -21,7 +22,9 @@ from ..provenance import ProvenanceError, atomic_path, environment, read_json, s
 
 def lifelong_edit(model_json: str, keys_path: str, whitening_path: str, covariance_path: str, selection_path: str,
                   facts_cfg: dict[str, Any], stats_cfg: dict[str, Any], edit_cfg: dict[str, Any], layer: int,
-                  out_steps: str, out_facts: str, out_h5: str) -> None:
+                  out_steps: str, out_facts: str, out_h5: str, memit_whitening: list[str] = ()) -> None:
+    """``memit_whitening``: the whitening files of MEMIT's layers (config.memit_layers), lowest first, when memit
+    is among editing.methods."""
     cfg = editing.EditConfig.from_config({**edit_cfg, "batch_size": facts_cfg["batch_size"]})
     manifest = models.read_manifest(model_json)
     name, d_m = manifest["name"], manifest["d_m"]
@@ -36,6 +39,22 @@ def lifelong_edit(model_json: str, keys_path: str, whitening_path: str, covarian
     all_facts, _ = facts_mod.load_facts({**facts_cfg, "case_ids": None})
     by_id = {f.case_id: f for f in all_facts}
     pool_facts = [by_id[c] for c in pool]
+
+    memit_layers = None
+    if "memit" in cfg.methods:
+        wanted = config_mod.memit_layer_range(layer, cfg.memit_layers)
+        if len(memit_whitening) != len(wanted):
+            raise ProvenanceError(f"MEMIT edits layers {wanted} but {len(memit_whitening)} whitening files were "
+                                  f"given: {list(memit_whitening)}")
+        memit_layers = {}
+        for x, path in zip(wanted, memit_whitening):
+            w_x, attrs_x = (w, w_attrs) if x == layer else whitening_mod.read_whitening(
+                path, model=models.identity(manifest), layer=x, d_m=d_m)
+            if attrs_x["corpus_fingerprint"] != w_attrs["corpus_fingerprint"]:
+                raise ProvenanceError(f"{path} and {whitening_path} come from different corpora")
+            K_x = K_pool if x == layer else keys_mod.read_keys(keys_path, model=models.identity(manifest), layer=x,
+                                                                d_m=d_m)[0]
+            memit_layers[x] = editing.MemitLayer(w_x.cholesky, K_x)
 
     model, tokenizer = models.load(manifest, stats_cfg["device"], "float32")
     module = models.key_module(model, layer)
@@ -58,11 +77,15 @@ def lifelong_edit(model_json: str, keys_path: str, whitening_path: str, covarian
                 f"{eigenvalues[0]:.3e}): raise it")
         print(f"{name} layer {layer}: null space of C below {cutoff:.3e} ({setting}): {null_dim} of {d_m} dimensions")
 
+    setup = editing.EditSetup(model, tokenizer, module, K_pool, retained_rows, w.cholesky, P_pool, cfg,
+                              projector=projector, memit_layers=memit_layers)
+    if memit_layers:
+        print(f"{name}: MEMIT edits layers {sorted(memit_layers)} in batches of {cfg.memit_batch_size} "
+              f"(lambda {cfg.memit_mom2_weight:g})")
     runs = {}
     for method in cfg.methods:
         earlier = next(iter(runs.values()), None)  # before any edit every method sees the same model
-        runs[method] = editing.run_sequence(model, tokenizer, module, method, edits, retained, K_pool, edit_rows,
-                                            retained_rows, w.cholesky, P_pool, projector, cfg,
+        runs[method] = editing.run_sequence(setup, editing.make_method(method, setup), edits, edit_rows, retained,
                                             unedited=earlier.unedited if earlier else None)
         sys.stdout.flush()
     first = runs[cfg.methods[0]]
@@ -86,6 +109,8 @@ def lifelong_edit(model_json: str, keys_path: str, whitening_path: str, covarian
                "prompt": fact.text, "target_true": fact.target_true, "target_new": fact.target_new,
                "value_steps": first.value_steps[order], "value_nll": first.value_nll[order],
                "delta_norm": float(np.linalg.norm(first.deltas[order]))}
+        if cfg.kl_factor:
+            out["value_kl"] = first.value_kl[order]
         out.update({f"{m}_success": int(r.final_success[order]) for m, r in runs.items()})
         if "control" in runs:
             out["control_key_gain"] = runs["control"].key_gain[order]
@@ -106,7 +131,8 @@ def lifelong_edit(model_json: str, keys_path: str, whitening_path: str, covarian
             out[f"{m}_forgotten"] = int(not r.final_known[j])
         fact_rows.append(out)
     fact_columns = ["case_id", "role", "edit_order", "subject", "prompt", "target_true", "target_new", "value_steps",
-                    "value_nll", "delta_norm"] + [f"{m}_success" for m in cfg.methods] \
+                    "value_nll"] + (["value_kl"] if cfg.kl_factor else []) + ["delta_norm"] \
+        + [f"{m}_success" for m in cfg.methods] \
         + (["control_key_gain"] if "control" in runs else []) \
         + (["closed_form_predicted_interference", "closed_form_relative_interference"] if "closed_form" in runs else []) \
         + [f"{m}_{k}" for m in cfg.methods for k in ("measured_interference", "consistency_interference",
@@ -119,6 +145,9 @@ def lifelong_edit(model_json: str, keys_path: str, whitening_path: str, covarian
               "corpus_fingerprint": w_attrs["corpus_fingerprint"], "n_tokens": w_attrs["n_tokens"],
               "facts": selection["facts"], "methods": list(cfg.methods), "editing": dataclasses.asdict(cfg),
               "key_mismatch_max": max(r.key_mismatch for r in runs.values()), **timing}
+    if memit_layers:
+        # MEMIT's lower-layer edits move later facts' keys at the edited layer on purpose: recorded apart
+        record.update({"memit_layers": sorted(memit_layers), "memit_key_drift_max": runs["memit"].key_drift})
     if null_dim is not None:
         record.update({"null_space_dim": null_dim, "null_space_cutoff": cutoff})
     with atomic_path(out_h5) as tmp:
@@ -139,5 +168,8 @@ def lifelong_edit(model_json: str, keys_path: str, whitening_path: str, covarian
                     g.create_dataset("key_gain", data=np.asarray(run.key_gain))  # (n_edits,) u^T k_e
                 if cfg.save_weights:  # the edited layer is W_0 + weight_change (W_0: the snapshot's weights)
                     g.create_dataset("weight_change", data=run.weight_change, compression="gzip")
+                    if method == "memit":  # every layer MEMIT edits
+                        for x, change in run.layer_changes.items():
+                            g.create_dataset(f"layer_changes/{x}", data=change, compression="gzip")
             set_attrs(f, record)
     print(f"{name} layer {layer}: " + ", ".join(f"{k} {v:.2f}" for k, v in timing.items()))

@@ -133,8 +133,10 @@ def figure_editing(model_json: str, steps_tsv: str, facts_tsv: str, layer: int, 
     methods = [c[: -len("_edit_success")] for c in steps[0] if c.endswith("_edit_success")]
     series = {}
     for method in methods:
+        keys = ("edit_success", "retention", "logp_drop_mean") \
+            + (("prediction_rel_error",) if f"{method}_prediction_rel_error" in steps[0] else ())
         series[method] = {key: np.array([float(r[f"{method}_{key}"]) if r[f"{method}_{key}"] else np.nan
-                                         for r in steps]) for key in ("edit_success", "retention", "logp_drop_mean")}
+                                         for r in steps]) for key in keys}
     plots.editing_curves(n, series, f"{label}, layer {layer}", curves_png, curves_pdf, dpi)
     # the prediction sum_i p(k_ei, k_j) delta_i exists for the closed-form updates only
     title = f"{label}, layer {layer}, {int(n[-1])} edits"
