@@ -186,7 +186,8 @@ def _edit_settings() -> dict:
     return {"n_edits": 2, "eval_every": 1, "value_steps": 5, "value_lr": 0.5, "weight_decay": 0.0,
             "clamp_norm_factor": 4.0, "early_stop_nll": 0.05, "null_space_threshold": 1e-2,
             "null_space_relative": None, "methods": ["closed_form"], "control_protects_edits": True,
-            "retained": "selected", "save_weights": False, "batch_size": 8}
+            "retained": "selected", "save_weights": False, "batch_size": 8, "kl_factor": 0.0,
+            "memit_batch_size": 5, "memit_layers": 5, "memit_mom2_weight": 15000.0}
 
 
 def test_editing_settings_without_the_rule_settings_name_the_missing_keys():
@@ -209,14 +210,6 @@ def test_a_target_that_tokenises_to_nothing_stops_the_value_search():
 def test_a_module_that_is_no_down_projection_is_named():
     with pytest.raises(editing.EditingError, match=r"Linear is not the down projection of any layer of this model"):
         editing.layer_of(tiny_model("llama"), torch.nn.Linear(2, 2))
-
-
-def test_an_unknown_editing_method_is_named():
-    model = tiny_model("llama")
-    cfg = editing.EditConfig.from_config(_edit_settings())
-    with pytest.raises(editing.EditingError, match=r"unknown editing method 'rome'; use one of"):
-        editing.run_sequence(model, tiny_tokenizer(), models.key_module(model, 1), "rome", [], [], np.zeros((1, 64)),
-                             [], [], np.eye(64), np.eye(1), None, cfg)
 
 
 @pytest.mark.parametrize("n_edits, message", [
@@ -371,14 +364,11 @@ def test_a_stop_signal_stops_the_job_at_its_next_checkpoint(tmp_path):
 
 def test_a_statistics_block_of_another_shape_is_named(tmp_path):
     path = tmp_path / "shard-0.block-0.h5"
-    write_h5(path, {"layer_0/sum": np.zeros((3, 3), np.float32)},
-             {"model": "m", "d_m": 3, "corpus_fingerprint": "fp", "shard": 0, "layers": [0]})
-    import h5py
-
-    with h5py.File(path, "a") as f:
-        f["layer_0/sum"].attrs["count"] = 5
-    with pytest.raises(ProvenanceError, match=r"shard-0\.block-0\.h5: layer_0/sum has shape \(3, 3\) float32, "
-                                              r"expected \(3, 3\) float64"):
+    write_h5(path, {"layer_0/segment_sums": np.zeros((1, 6), np.float32)},
+             {"model": "m", "d_m": 3, "corpus_fingerprint": "fp", "shard": 0, "layers": [0], "segments": [0],
+              "segment_blocks": [0], "segment_tokens": [5]})
+    with pytest.raises(ProvenanceError, match=r"shard-0\.block-0\.h5: layer_0/segment_sums has shape \(1, 6\) "
+                                              r"float32, expected \(1, 6\) float64 \(d_m = 3\)"):
         stats.merge_layer([path], 0, model="m", d_m=3, corpus_fingerprint="fp", n_shards=1)
 
 
@@ -465,7 +455,8 @@ def test_a_token_count_the_batches_lose_is_caught(tmp_path, monkeypatch):
     monkeypatch.setattr(stats, "pad_batch", losing_the_last_token)
     docs = [np.arange(4, 10, dtype=np.int32), np.arange(10, 13, dtype=np.int32)]
     total = sum(len(d) for d in docs)  # one document per batch (max_batch=1), each batch loses one token
-    with pytest.raises(RuntimeError, match=rf"counted {total - len(docs)} tokens but the shard has {total}"):
+    lost = total - len(docs)
+    with pytest.raises(RuntimeError, match=rf"counted {lost} tokens \({lost} in segments\) but the shard has {total}"):
         stats.collect_second_moments(tiny_model("llama"), docs, [0], tmp_path / "s.h5", {"model": "tiny"}, pad_id=0,
                                      max_batch=1, progress=False)
 
@@ -550,7 +541,7 @@ def test_covariance_and_export_refuse_counts_and_corpora_that_disagree(tiny_run,
     shards = []
     for path in sorted((r / "stats/tiny").glob("shard-*.h5")):
         with h5py.File(path) as f:
-            if "layer_1/sum" in f:
+            if "layer_1/segment_sums" in f:
                 shards.append(str(path))
     tokens = json.loads(corpus_json.read_text())["corpus_tokens"]
     more = _copy_json(corpus_json, tmp_path / "more.json", corpus_tokens=tokens + 1)
@@ -618,3 +609,52 @@ def test_matrices_and_editing_refuse_keys_and_covariances_of_other_runs(tiny_run
                                                    r"raise it"):
         edit(methods=["null_space"], null_space_threshold=1e-300, null_space_relative=None)
     assert not any(Path(p).exists() for p in out)
+
+
+# ---- raise sites added with MEMIT, ROME's KL term and the padding helper (this round's merges) --------------------
+
+
+def test_an_unknown_editing_method_names_the_known_ones():
+    with pytest.raises(editing.EditingError, match=r"unknown editing method 'bogus'; use one of \('closed_form'"):
+        editing.make_method("bogus", None)
+
+
+def test_memit_layers_must_end_at_the_edited_layer():
+    setup = types.SimpleNamespace(memit_layers={0: None, 1: None}, layer=2)
+    with pytest.raises(editing.EditingError, match=r"MEMIT's layers \[0, 1\] must end at the edited layer 2"):
+        editing.Memit(setup)
+
+
+def test_a_kl_prompt_without_a_subject_placeholder_is_refused():
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    fact = Fact(0, "{} is a native speaker of", "Vladimir Mayakovsky", "Russian")
+    with pytest.raises(editing.EditingError, match="KL prompt 'is a' must contain exactly one '{}' for the subject"):
+        editing.optimise_value(model, tokenizer, models.key_module(model, 1), fact, "Spanish", steps=1, lr=0.5,
+                               weight_decay=0.0, clamp_norm_factor=4.0, early_stop_nll=0.0, kl_factor=1.0,
+                               kl_prompt="is a")
+
+
+def test_a_padding_side_other_than_left_or_right_is_refused():
+    with pytest.raises(ValueError, match="padding side 'middle': left or right"):
+        models.pad_batch([[1, 2], [3]], 0, "middle")
+
+
+def test_memit_statistics_of_another_corpus_are_refused(tiny_run, tmp_path):
+    import yaml
+
+    from superposition.jobs import facts_source
+    from superposition.jobs.editing import lifelong_edit
+
+    tmp, cfg_path = tiny_run
+    config = yaml.safe_load(Path(cfg_path).read_text())
+    config["editing"].update({"methods": ["memit"], "memit_layers": 2, "memit_batch_size": 1})
+    cfg = settings.rule_settings(config, "lifelong_edit")
+    r = tmp / "results"
+    w0, attrs = whitening.read_whitening(r / "whitening/tiny/layer-0.h5", model="tiny", layer=0, d_m=48)
+    other = tmp_path / "layer-0.h5"
+    whitening.write_whitening(other, w0, {**attrs, "corpus_fingerprint": "another corpus"})
+    with pytest.raises(ProvenanceError, match=f"{other} and .*whitening/tiny/layer-1.h5 come from different corpora"):
+        lifelong_edit(str(r / "models/tiny/model.json"), str(r / "keys/tiny.h5"), str(r / "whitening/tiny/layer-1.h5"),
+                      str(r / "covariance/tiny/layer-1.h5"), str(r / "facts/selection.json"), facts_source(cfg),
+                      cfg["stats"], cfg["editing"], 1, *(str(tmp_path / f"o.{k}") for k in ("s.tsv", "f.tsv", "h5")),
+                      [str(other), str(r / "whitening/tiny/layer-1.h5")])
