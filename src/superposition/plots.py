@@ -124,10 +124,8 @@ def kurtosis_vs_layer(series: Sequence[tuple], png, pdf, dpi: int, confidence: f
     for label, layers, kurt, *interval in series:
         errors = _interval_errors(kurt, *interval) if interval else None
         ax.errorbar(layers, kurt, yerr=errors, marker="o", ms=3, lw=1.2, capsize=2, elinewidth=0.8, label=label)
-    if confidence is not None:
-        ax.text(0.99, 0.97, f"error bars: {100 * confidence:g}% jackknife interval over corpus blocks",
-                transform=ax.transAxes, ha="right", va="top", fontsize=7, color="0.3")
-    ax.set_xlabel("layer")
+    ax.set_xlabel("layer" if confidence is None else
+                  f"layer (error bars: {100 * confidence:g}% jackknife interval over corpus blocks)")
     ax.set_ylabel("excess kurtosis of off-diagonal P")
     ax.set_title("Kurtosis of the superposition distribution by layer")
     ax.axhline(0.0, color="0.6", lw=0.6, ls=":")
