@@ -449,7 +449,7 @@ def pad_batch(seqs, pad_id: int, side: str = "right"):
     """Token id sequences as one padded batch: ids, attention mask and explicit position ids (0.. for every
     sequence, whichever side is padded, so padding never moves a position). Left padding puts every sequence's
     last token in the last column; a row's first token is at column ``ids.shape[1] - len(seq)`` there, 0 when
-    right-padded. (stats.pad_batch is this function for right padding.)"""
+    right-padded. (The statistics batches use it with right padding.)"""
     import torch
 
     if side not in ("left", "right"):

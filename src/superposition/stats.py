@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping, Sequence
 import h5py
 import numpy as np
 
-from .models import batch_tokens, blocks, check_layers, key_module, key_width
+from .models import batch_tokens, blocks, check_layers, key_module, key_width, pad_batch
 from .provenance import CHECKSUM, ProvenanceError, atomic_path, check_artifact, get_attrs, open_h5, set_attrs, write_h5
 
 GRAM_DTYPES = ("float32", "float64")
@@ -88,20 +88,6 @@ def default_batch_overhead(device_type: str) -> int:
     (kernel launches of every layer against a throughput ~100x the CPU's), not measured.
     """
     return 512 if device_type == "cuda" else 64
-
-
-def pad_batch(docs: Sequence[np.ndarray], pad_id: int):
-    """Right-padded ids, attention mask and explicit position ids (0.. for every document)."""
-    import torch
-
-    width = max(len(d) for d in docs)
-    ids = torch.full((len(docs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(docs), width), dtype=torch.long)
-    for row, doc in enumerate(docs):
-        ids[row, : len(doc)] = torch.as_tensor(doc, dtype=torch.long)
-        mask[row, : len(doc)] = 1
-    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-    return ids, mask, positions
 
 
 @dataclass
