@@ -135,8 +135,9 @@ def second_moments(model, docs, gram_dtype="float32", allow_tf32=False, max_toke
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "stats.h5"
         summary = stats.collect_second_moments(model, docs, list(range(len(models.blocks(model)))), path,
-                                               {"model": "check"}, pad_id=0, max_tokens=max_tokens,
-                                               gram_dtype=gram_dtype, allow_tf32=allow_tf32, progress=False)
+                                               {"model": "check"}, pad_id=0, progress=False,
+                                               options=stats.StatsOptions.from_config(
+                                                   max_tokens=max_tokens, gram_dtype=gram_dtype, allow_tf32=allow_tf32))
         summary["sums"] = stats.shard_sums(path)[0]
     stats.set_matmul_precision(False)
     return summary

@@ -45,8 +45,8 @@ def measure(args) -> dict:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         summary = stats.collect_second_moments(model, [doc], layers, f"{tmp}/s.h5", {"model": manifest["name"]},
-                                               pad_id=tokenizer.pad_token_id, max_tokens=args.max_tokens,
-                                               progress=False)
+                                               pad_id=tokenizer.pad_token_id, progress=False,
+                                               options=stats.StatsOptions.from_config(max_tokens=args.max_tokens))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     return {"length": length, "attention": model.config._attn_implementation, "layers": len(layers),
             "max_tokens": args.max_tokens, "n_batches": summary["n_batches"], "n_tokens": summary["n_tokens"],

@@ -46,9 +46,9 @@ HITS_ENV = "RAISE_AUDIT_HITS"
 
 # Sites no test can or should reach with a message check, each with its reason.
 ALLOWED: dict[str, str] = {
-    "src/superposition/stats.py::GramAccumulator._hook.hook::StopForward#1":
+    "src/superposition/stats.py::KeyHooks._hook.hook::StopForward#1":
         "control flow, not an error: the hook stops the forward pass after the last analysed layer and "
-        "GramAccumulator.add_batch catches it; every statistics test runs it (coverage)",
+        "KeyHooks.forward catches it; every statistics test runs it (coverage)",
     "src/superposition/provenance.py::atomic_path::(re-raise)#1":
         "re-raises an OSError that is not a known write failure (or is already an ArtifactWriteError) unchanged: "
         "the message is the original error's; tests/test_raise_sites.py checks it passes through unchanged",

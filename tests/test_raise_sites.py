@@ -333,7 +333,7 @@ def test_hooks_that_did_not_run_are_named():
     accumulator = stats.GramAccumulator(model, [0, 1], "float64")
     ids = torch.tensor([[5, 6, 7]])
     with accumulator:
-        accumulator._handles[1].remove()  # layer 1's hook is gone: only one of the two layers reports keys
+        accumulator.hooks._handles[1].remove()  # layer 1's hook is gone: only one of the two layers reports keys
         with pytest.raises(RuntimeError, match=r"expected 2 hooked layers to run, 1 did"):
             accumulator.add_batch(ids, torch.ones_like(ids), torch.arange(3)[None], 0)
 
@@ -355,8 +355,9 @@ def test_a_stop_signal_stops_the_job_at_its_next_checkpoint(tmp_path):
         with pytest.raises(stats.JobStopped, match=rf"stopped on SIGUSR1 at batch 1/{len(docs)}: checkpoint "
                                                    rf".*s\.h5\.checkpoint saved; the job's rerun resumes from it"):
             stats.collect_second_moments(model, docs, [0], tmp_path / "s.h5", {"model": "tiny"}, pad_id=0,
-                                         max_tokens=12, max_batch=1, checkpoint_path=checkpoint, checkpoint_every=1,
-                                         progress=False)
+                                         options=stats.StatsOptions.from_config(max_tokens=12, max_batch=1,
+                                                                                checkpoint_every=1),
+                                         checkpoint_path=checkpoint, progress=False)
     finally:
         handle.remove()
     assert checkpoint.exists() and not (tmp_path / "s.h5").exists()
@@ -458,7 +459,7 @@ def test_a_token_count_the_batches_lose_is_caught(tmp_path, monkeypatch):
     lost = total - len(docs)
     with pytest.raises(RuntimeError, match=rf"counted {lost} tokens \({lost} in segments\) but the shard has {total}"):
         stats.collect_second_moments(tiny_model("llama"), docs, [0], tmp_path / "s.h5", {"model": "tiny"}, pad_id=0,
-                                     max_batch=1, progress=False)
+                                     options=stats.StatsOptions.from_config(max_batch=1), progress=False)
 
 
 # ------------------------------------------------------------------------------------------------- jobs

@@ -192,3 +192,13 @@ def test_imports_and_docstrings_are_found_in_every_kind_of_statement_body(tmp_pa
     other = tmp_path / "other.py"
     other.write_text(script.read_text().replace('"""Doc."""', '"""Doc."""\n            y = 1'))
     assert fingerprint.code_hash(script) == fingerprint.code_hash(same) != fingerprint.code_hash(other)
+
+
+def test_a_schema_default_is_read_by_name_and_a_missing_one_is_named():
+    schema = settings.schema()["properties"]["stats"]["properties"]
+    assert settings.default("stats.max_tokens_per_batch") == schema["max_tokens_per_batch"]["default"]
+    assert settings.default("stats.gram_tokens") is None  # a null default is a default
+    with pytest.raises(settings.SettingsError, match=r"^schema key models\.\*\.id has no default$"):
+        settings.default("models.*.id")
+    with pytest.raises(settings.SettingsError, match=r"^no schema key stats\.no_such_key$"):
+        settings.default("stats.no_such_key")

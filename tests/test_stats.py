@@ -41,8 +41,12 @@ def reference_second_moments(model, docs, layers):
 
 
 def run(model, docs, layers, path, **kw):
+    """collect_second_moments with StatsOptions' fields (the schema's defaults for the rest) among ``kw``."""
     kw.setdefault("progress", False)
-    return stats.collect_second_moments(model, docs, layers, path, {"model": "tiny", "d_m": 64}, pad_id=0, **kw)
+    fields = set(stats.StatsOptions.__dataclass_fields__)
+    options = stats.StatsOptions.from_config(**{k: kw.pop(k) for k in list(kw) if k in fields})
+    return stats.collect_second_moments(model, docs, layers, path, {"model": "tiny", "d_m": 64}, pad_id=0,
+                                        options=options, **kw)
 
 
 def read_segment_sums(path):
@@ -174,12 +178,13 @@ def test_sharded_merge_is_exact(n_shards, tmp_path):
     docs = random_docs(n_docs=16)
     record = {"model": "tiny", "d_m": 64, "corpus_fingerprint": "fp"}
     stats.collect_second_moments(model, docs, [0, 1], tmp_path / "one.h5", {**record, "shard": 0}, pad_id=0,
-                                 progress=False, gram_dtype="float64")
+                                 progress=False, options=stats.StatsOptions.from_config(gram_dtype="float64"))
     paths = []
     for i, part in enumerate(split_shards(len(docs), n_shards)):
         path = tmp_path / f"shard{i}.h5"
         stats.collect_second_moments(model, [docs[j] for j in part], [0, 1], path, {**record, "shard": i},
-                                     pad_id=0, progress=False, gram_dtype="float64")
+                                     pad_id=0, progress=False,
+                                     options=stats.StatsOptions.from_config(gram_dtype="float64"))
         paths.append(path)
     for layer in [0, 1]:
         whole, n_whole, _ = stats.merge_layer([tmp_path / "one.h5"], layer, model="tiny", d_m=64,
@@ -208,8 +213,9 @@ def test_every_prefix_of_segments_equals_the_second_moment_of_its_documents(tmp_
         seg, blk = corpus.document_segments([lengths[i] for i in part], offset, targets, block_targets)
         paths.append(tmp_path / f"s{shard}.h5")
         stats.collect_second_moments(model, [docs[i] for i in part], [0, 2], paths[-1], {**record, "shard": shard},
-                                     pad_id=0, progress=False, gram_dtype="float64", segments=seg,
-                                     segment_blocks=blk, max_tokens=60, max_batch=4)
+                                     pad_id=0, progress=False, segments=seg, segment_blocks=blk,
+                                     options=stats.StatsOptions.from_config(gram_dtype="float64", max_tokens=60,
+                                                                            max_batch=4))
     all_segments, all_blocks = corpus.document_segments(lengths, 0, targets, block_targets)
     segments, records = stats.read_segments(paths, 2, model="tiny", d_m=64, corpus_fingerprint="fp", n_shards=2)
     assert [s.id for s in segments] == sorted(set(all_segments.tolist()))
@@ -398,10 +404,10 @@ def run_statistics(out, checkpoint, crash_after=None):
     # three segments in two jackknife blocks: the kill and the signal land after a segment was closed
     segments, blocks = [0] * 8 + [1] * 6 + [2] * 26, [0] * 14 + [1] * 26
     stats.collect_second_moments(tiny_model("gemma3_text"), random_docs(40, max_len=20), [0, 1, 2], str(out),
-                                 {"model": "tiny"}, pad_id=0, max_tokens=40, segments=segments,
-                                 segment_blocks=blocks,
-                                 checkpoint_path=str(checkpoint) if checkpoint else None,
-                                 checkpoint_every=3, gram_tokens=50, progress=False)
+                                 {"model": "tiny"}, pad_id=0, segments=segments, segment_blocks=blocks,
+                                 options=stats.StatsOptions.from_config(max_tokens=40, checkpoint_every=3,
+                                                                        gram_tokens=50),
+                                 checkpoint_path=str(checkpoint) if checkpoint else None, progress=False)
 
 
 def killed_run(tmp_path, out, checkpoint, crash_after=7):
@@ -517,3 +523,16 @@ def test_a_signalled_job_stops_at_its_next_checkpoint_and_resumes_to_the_same_bi
 def test_without_a_checkpoint_file_a_signal_ends_the_job_at_once(tmp_path):
     stopped = signalled_run(tmp_path, tmp_path / "out.h5", "", signal_after=1)
     assert stopped.returncode == -signal.SIGUSR1  # the default action: nothing to resume from, so no waiting
+
+
+def test_options_come_from_the_stats_section_with_the_schemas_defaults_for_the_rest():
+    from superposition import settings
+
+    options = stats.StatsOptions.from_config({"max_tokens_per_batch": 123, "checkpoint_every": 7}, gram_tokens=9)
+    assert (options.max_tokens, options.checkpoint_every, options.gram_tokens) == (123, 7, 9)
+    # every key the section lacks is the schema's default
+    assert options.max_batch == settings.default("stats.max_batch_size")
+    assert options.gram_dtype == settings.default("stats.gram_dtype")
+    assert options.allow_tf32 is settings.default("stats.allow_tf32")
+    for field_name, key in stats.StatsOptions.CONFIG_KEYS.items():
+        assert settings.default(f"stats.{key}") == getattr(stats.StatsOptions.from_config(), field_name)

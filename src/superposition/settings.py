@@ -90,6 +90,16 @@ def _walk(node: dict[str, Any], path: tuple[str, ...]) -> Iterator[Key]:
         yield from _walk(child, path + (name,))
 
 
+def default(name: str) -> Any:
+    """The schema default of the key named ``name`` (e.g. "stats.max_tokens_per_batch")."""
+    for key in declared_keys():
+        if key.name == name:
+            if key.default is _MISSING:
+                raise SettingsError(f"schema key {name} has no default")
+            return key.default
+    raise SettingsError(f"no schema key {name}")
+
+
 def has_default(key: Key) -> bool:
     return key.default is not _MISSING
 

@@ -90,60 +90,33 @@ def default_batch_overhead(device_type: str) -> int:
     return 512 if device_type == "cuda" else 64
 
 
-@dataclass
-class GramAccumulator:
-    """Float64 sums of k k^T per layer, filled by forward-pre hooks on the down projections."""
+class LayerGram:
+    """One layer's float64 sum of k k^T and the keys still waiting for their Gram product.
 
-    model: Any
-    layers: list[int]
-    gram_dtype: str = "float32"
-    gram_tokens: int | None = None  # None: GRAM_TOKENS of the model's device
-    sums: dict[int, Any] = field(default_factory=dict)
-    count: int = 0
+    The batch Gram is computed as block rows of its upper triangle (d_m = 1536 in panels of 256 rows: 0.58 of the
+    full product's flops, measured 30% faster on the CPU; the full product would also be symmetric to rounding
+    only), in torch's own thread pool: scipy's BLAS syrk needs half the flops, but its threads fight torch's for the
+    cores, which measured 20% slower overall. `symmetric` mirrors the upper triangle. On the CPU numpy adds each
+    panel into the float64 sum (its mixed float32 -> float64 in-place add measured 10-30% faster than torch's on
+    the panels); on a GPU torch does.
+    """
 
-    def __post_init__(self):
+    def __init__(self, d_m: int, device, panel_rows: int):
         import torch
 
-        if self.gram_dtype not in GRAM_DTYPES:
-            raise ValueError(
-                f"stats.gram_dtype {self.gram_dtype!r} is refused: the batch Gram must be float32 or float64 "
-                f"(fp16/bf16 sums lose the small eigenvalues that C^-1 depends on)"
-            )
         self._torch = torch
-        self._dtype = getattr(torch, self.gram_dtype)
-        device = next(self.model.parameters()).device
-        self.layers = sorted(set(self.layers))
-        check_layers(self.layers, len(blocks(self.model)), self.model.config.model_type)
-        for layer in self.layers:
-            d_m = key_width(key_module(self.model, layer))
-            if layer not in self.sums:
-                self.sums[layer] = torch.zeros((d_m, d_m), dtype=torch.float64, device=device)
-        self._mask = None
-        self._checks: list = []
-        self._handles: list = []
-        # The batch Gram is computed as block rows of its upper triangle (d_m = 1536 in panels of 256 rows: 0.58 of
-        # the full product's flops, measured 30% faster on the CPU; the full product would also be symmetric to
-        # rounding only), in torch's own thread pool: scipy's BLAS syrk needs half the flops, but its threads fight
-        # torch's for the cores, which measured 20% slower overall. `symmetric_sums` mirrors the upper triangle.
-        # On the CPU numpy adds each panel into the float64 sums (its mixed float32 -> float64 in-place add
-        # measured 10-30% faster than torch's on the panels); on a GPU torch does, and the finiteness flags stay on the device until the
-        # batch ends (one synchronisation per batch).
-        self.panel_rows = GRAM_PANEL[device.type == "cuda"]
+        self.sum = torch.zeros((d_m, d_m), dtype=torch.float64, device=device)
+        self.panel_rows = panel_rows
         self.numpy_add = device.type == "cpu"
-        if self.gram_tokens is None:
-            self.gram_tokens = GRAM_TOKENS[device.type == "cuda"]
-        if self.gram_tokens < 0:
-            raise ValueError(f"stats.gram_tokens must be >= 0, got {self.gram_tokens}")
-        # keys waiting for their Gram: per layer a list of (d_m, n) float32 chunks, and the batches they came from
-        self._pending: dict[int, list] = {layer: [] for layer in self.layers}
-        self._pending_batches: list[int] = []
-        self._pending_tokens = 0
-        self._flush_in_forward = False
+        self.pending: list = []  # (d_m, n) chunks of keys, transposed, in the batches' order
 
-    def _add_upper_panels(self, layer: int, keys_t):
-        """Add the upper block rows of keys_t keys_t^T (keys_t: d_m x n) into the float64 sum; returns whether the
-        diagonal (sums of squares: NaN, Inf or float32 overflow anywhere reaches it) is finite."""
-        total = self.sums[layer].numpy() if self.numpy_add else self.sums[layer]  # .numpy() shares the memory
+    def flush(self):
+        """Add the pending keys' Gram into the sum; returns a device flag: is the diagonal (sums of squares: NaN,
+        Inf or float32 overflow anywhere reaches it) finite."""
+        # chunks joined along the tokens: rows of keys^T come out contiguous, measured faster than views
+        keys_t = self.pending[0].contiguous() if len(self.pending) == 1 else self._torch.cat(self.pending, dim=1)
+        self.pending.clear()
+        total = self.sum.numpy() if self.numpy_add else self.sum  # .numpy() shares the memory
         diagonals = []
         for start in range(0, keys_t.shape[0], self.panel_rows):
             stop = start + self.panel_rows
@@ -156,12 +129,102 @@ class GramAccumulator:
                 block += panel
         return self._torch.isfinite(self._torch.cat(diagonals)).all()
 
-    def _flush_layer(self, layer: int):
-        chunks = self._pending[layer]
-        # (d_m, n) chunks joined along the tokens: rows of keys^T come out contiguous, measured faster than views
-        keys_t = chunks[0].contiguous() if len(chunks) == 1 else self._torch.cat(chunks, dim=1)
-        chunks.clear()
-        return self._add_upper_panels(layer, keys_t)
+    def symmetric(self) -> np.ndarray:
+        S = self.sum.cpu().numpy()
+        return np.triu(S) + np.triu(S, 1).T
+
+
+class KeyHooks:
+    """Forward-pre hooks on the down projections of ``layers``: each hands its layer's keys at the real tokens
+    (``mask``, set before each forward) to ``take(layer, keys)``; the last layer's hook stops the forward."""
+
+    def __init__(self, model, layers: Sequence[int], take: Callable[[int, Any], None]):
+        self.model, self.layers, self.take = model, list(layers), take
+        self.mask = None
+        self._handles: list = []
+
+    def _hook(self, layer: int) -> Callable:
+        last = self.layers[-1]
+
+        def hook(module, args):
+            self.take(layer, batch_tokens(args[0], self.mask.shape)[self.mask])
+            if layer == last:
+                raise StopForward
+            return None
+
+        return hook
+
+    def __enter__(self):
+        for layer in self.layers:
+            self._handles.append(key_module(self.model, layer).register_forward_pre_hook(self._hook(layer)))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        return False
+
+    def forward(self, ids, mask, positions) -> None:
+        """One forward of the base model up to the last hooked layer."""
+        import torch
+
+        self.mask = mask.bool()
+        with torch.inference_mode():
+            try:
+                self.model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+            except StopForward:
+                pass
+
+
+class GramAccumulator:
+    """Float64 sums of k k^T per layer over forward batches: `KeyHooks` capture the keys, one `LayerGram` per
+    layer sums them, a Gram product per ``gram_tokens`` keys (computed inside the forward, while they are hot).
+
+    NaN and Inf are caught per batch: a key's sum names the batch even when its Gram is computed later; the flags
+    stay on the device until the batch ends (one synchronisation per batch).
+    """
+
+    def __init__(self, model, layers: Sequence[int], gram_dtype: str = "float32", gram_tokens: int | None = None):
+        import torch
+
+        if gram_dtype not in GRAM_DTYPES:
+            raise ValueError(
+                f"stats.gram_dtype {gram_dtype!r} is refused: the batch Gram must be float32 or float64 "
+                f"(fp16/bf16 sums lose the small eigenvalues that C^-1 depends on)"
+            )
+        self._torch = torch
+        self.model = model
+        self.gram_dtype = gram_dtype
+        self._dtype = getattr(torch, gram_dtype)
+        self.device = next(model.parameters()).device
+        self.layers = sorted(set(layers))
+        check_layers(self.layers, len(blocks(model)), model.config.model_type)
+        on_gpu = self.device.type == "cuda"
+        self.gram_tokens = GRAM_TOKENS[on_gpu] if gram_tokens is None else gram_tokens
+        if self.gram_tokens < 0:
+            raise ValueError(f"stats.gram_tokens must be >= 0, got {self.gram_tokens}")
+        self.grams = {layer: LayerGram(key_width(key_module(model, layer)), self.device, GRAM_PANEL[on_gpu])
+                      for layer in self.layers}
+        self.count = 0
+        self.hooks = KeyHooks(model, self.layers, self._take_keys)
+        # the batches whose keys wait for their Gram, their tokens, and this batch's (layer, what, flag) checks
+        self._pending_batches: list[int] = []
+        self._pending_tokens = 0
+        self._flush_in_forward = False
+        self._checks: list = []
+
+    @property
+    def sums(self) -> dict[int, Any]:
+        """Per layer the float64 sum (its upper triangle: the lower is not kept up to date)."""
+        return {layer: gram.sum for layer, gram in self.grams.items()}
+
+    def _take_keys(self, layer: int, keys) -> None:
+        keys = keys.to(self._dtype)
+        self._checks.append((layer, "keys", self._torch.isfinite(keys.sum())))
+        self.grams[layer].pending.append(keys.T)
+        if self._flush_in_forward:
+            self._checks.append((layer, "Gram", self.grams[layer].flush()))
 
     def _raise_if_not_finite(self, checks) -> None:
         """checks: (layer, what, flag) with flags still on the device, read with one synchronisation."""
@@ -183,61 +246,30 @@ class GramAccumulator:
     def flush(self) -> None:
         """Add every layer's pending keys into its float64 sum (before a checkpoint and at the end)."""
         if self._pending_tokens:
-            self._raise_if_not_finite([(layer, "Gram", self._flush_layer(layer)) for layer in self.layers])
+            self._raise_if_not_finite([(layer, "Gram", gram.flush()) for layer, gram in self.grams.items()])
         self._pending_batches.clear()
         self._pending_tokens = 0
 
-    def _hook(self, layer: int) -> Callable:
-        last = self.layers[-1]
-
-        def hook(module, args):
-            keys = batch_tokens(args[0], self._mask.shape)[self._mask].to(self._dtype)
-            # a sum is NaN or Inf if any key is: names the batch even when its Gram is computed later
-            self._checks.append((layer, "keys", self._torch.isfinite(keys.sum())))
-            self._pending[layer].append(keys.T)
-            if self._flush_in_forward:
-                self._checks.append((layer, "Gram", self._flush_layer(layer)))
-            if layer == last:
-                raise StopForward
-            return None
-
-        return hook
-
     def symmetric_sums(self) -> dict[int, np.ndarray]:
         self.flush()
-        out = {}
-        for layer in self.layers:
-            S = self.sums[layer].cpu().numpy()
-            out[layer] = np.triu(S) + np.triu(S, 1).T
-        return out
+        return {layer: gram.symmetric() for layer, gram in self.grams.items()}
 
     def __enter__(self):
-        for layer in self.layers:
-            self._handles.append(key_module(self.model, layer).register_forward_pre_hook(self._hook(layer)))
+        self.hooks.__enter__()
         return self
 
     def __exit__(self, *exc):
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        return False
+        return self.hooks.__exit__(*exc)
 
     def add_batch(self, ids, mask, positions, batch_index: int) -> int:
-        torch = self._torch
-        device = next(self.model.parameters()).device
-        ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
-        self._mask = mask.bool()
+        ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
         n = int(mask.sum().item())
         self._pending_batches.append(batch_index)
         self._pending_tokens += n
         # the hooks compute the Gram of their layer's pending keys once enough tokens wait (while they are hot)
         self._flush_in_forward = self._pending_tokens >= self.gram_tokens
         self._checks = []
-        with torch.inference_mode():
-            try:
-                self.model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
-            except StopForward:
-                pass
+        self.hooks.forward(ids, mask, positions)
         hooked = sorted({layer for layer, what, _ in self._checks if what == "keys"})
         if hooked != self.layers:
             raise RuntimeError(f"expected {len(self.layers)} hooked layers to run, {len(hooked)} did")
@@ -479,6 +511,89 @@ def _stop_requests(enabled: bool):
             signal.signal(sig, handler)
 
 
+@dataclass(frozen=True)
+class StatsOptions:
+    """How one statistics job batches its documents, multiplies its keys and checkpoints: the stats.* keys."""
+
+    max_tokens: int  # stats.max_tokens_per_batch: padded positions per forward batch
+    max_batch: int  # stats.max_batch_size: documents per forward batch
+    gram_dtype: str  # stats.gram_dtype: the batch products' dtype (the sums are float64)
+    gram_tokens: int | None  # stats.gram_tokens: keys per Gram product (None: GRAM_TOKENS of the device)
+    allow_tf32: bool  # stats.allow_tf32
+    checkpoint_every: int  # stats.checkpoint_every: batches between flushes (and checkpoints, with a file)
+    batch_overhead_tokens: int | None = None  # token_batches' cost of one pass (None: default_batch_overhead)
+
+    CONFIG_KEYS = {"max_tokens": "max_tokens_per_batch", "max_batch": "max_batch_size", "gram_dtype": "gram_dtype",
+                   "gram_tokens": "gram_tokens", "allow_tf32": "allow_tf32", "checkpoint_every": "checkpoint_every"}
+
+    @classmethod
+    def from_config(cls, stats_cfg: Mapping[str, Any] | None = None, **overrides: Any) -> "StatsOptions":
+        """From a stats section (a key it lacks: the schema's default), then ``overrides`` by field name."""
+        from . import settings
+
+        stats_cfg = stats_cfg or {}
+        values = {field_name: stats_cfg[key] if key in stats_cfg else settings.default(f"stats.{key}")
+                  for field_name, key in cls.CONFIG_KEYS.items()}
+        return cls(**{**values, **overrides})
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """A shard's forward batches (document indices), each batch's segment, each segment's jackknife block, and
+    the plan's name: the batches, layers, segments, accumulator layout and the grouping of tokens into Gram
+    products (which moves the float32 rounding). A checkpoint of another plan is never resumed."""
+
+    batches: list[list[int]]
+    batch_segment: list[int]
+    block_of_segment: dict[int, int]
+    name: str
+
+    @classmethod
+    def build(cls, lengths: Sequence[int], segments: np.ndarray, segment_blocks: np.ndarray, layers: Sequence[int],
+              gram_tokens: int, options: StatsOptions, device_type: str) -> "ShardPlan":
+        overhead = options.batch_overhead_tokens
+        if overhead is None:
+            overhead = default_batch_overhead(device_type)
+        batches, batch_segment = segment_batches(lengths, segments, options.max_tokens, options.max_batch, overhead)
+        name = (plan_digest(lengths, batches, layers, [*segments, -1, *segment_blocks])
+                + f"-upper-g{gram_tokens}-c{options.checkpoint_every}")
+        return cls(batches, batch_segment, {int(s): int(b) for s, b in zip(segments, segment_blocks)}, name)
+
+
+def _accumulate(accumulator: GramAccumulator, docs: Sequence[np.ndarray], plan: ShardPlan, start: int,
+                finished: FinishedSegments, pad_id: int, options: StatsOptions,
+                checkpoint_path: str | os.PathLike | None, bar) -> None:
+    """Run batches ``start``.. of the plan through the model; each segment's sums move to ``finished`` when its
+    last batch is done; checkpoints (with a file) every ``options.checkpoint_every`` batches."""
+    batch_segment = plan.batch_segment
+
+    def close_segment(index: int) -> None:
+        """The batches of a segment end before ``index``: its sums move to ``finished``."""
+        segment = batch_segment[index - 1]
+        finished.close(accumulator, segment, plan.block_of_segment[segment],
+                       accumulator.count - sum(finished.counts))
+
+    with accumulator, _stop_requests(bool(checkpoint_path)) as stop:
+        for index in range(start, len(plan.batches)):
+            # a segment is closed when the next one's first batch comes (also right after resuming there: a
+            # checkpoint is written before that, with the finished segment still in the accumulator)
+            if index > 0 and batch_segment[index] != batch_segment[index - 1]:
+                close_segment(index)
+            ids, mask, positions = pad_batch([docs[i] for i in plan.batches[index]], pad_id)
+            bar.update(accumulator.add_batch(ids, mask, positions, index))
+            if (index + 1) % options.checkpoint_every == 0:
+                # with or without a checkpoint file, so that the result never depends on whether one was written
+                accumulator.flush()
+                if checkpoint_path and index + 1 < len(plan.batches):
+                    _save_sums(checkpoint_path, accumulator, finished, {"plan": plan.name, "next_batch": index + 1},
+                               final=False)
+                    if stop:  # at a regular checkpoint, so the resumed result has the same bits
+                        raise JobStopped(f"stopped on {stop[0]} at batch {index + 1}/{len(plan.batches)}: "
+                                         f"checkpoint {checkpoint_path} saved; the job's rerun resumes from it")
+        if plan.batches:
+            close_segment(len(plan.batches))  # the last Gram products belong to the timed work
+
+
 def collect_second_moments(
     model,
     docs: Sequence[np.ndarray],
@@ -487,82 +602,49 @@ def collect_second_moments(
     record: dict[str, Any],
     *,
     pad_id: int,
+    options: StatsOptions | None = None,
     segments: Sequence[int] | None = None,
     segment_blocks: Sequence[int] | None = None,
-    max_tokens: int = 4096,
-    max_batch: int = 64,
-    batch_overhead_tokens: int | None = None,
-    gram_dtype: str = "float32",
-    gram_tokens: int | None = None,
-    allow_tf32: bool = False,
     checkpoint_path: str | os.PathLike | None = None,
-    checkpoint_every: int = 20,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Sum k k^T over all real tokens of ``docs`` for every layer in one forward pass per batch; write ``out_path``.
 
-    ``segments`` (per document, non-decreasing; None - one segment) keeps the sums of each run of documents apart
-    (corpus.document_segments), ``segment_blocks`` names each document's jackknife block (None - its segment).
+    ``options``: batching, Gram products and checkpoints (None: the schema's defaults). ``segments`` (per document,
+    non-decreasing; None - one segment) keeps the sums of each run of documents apart (corpus.document_segments),
+    ``segment_blocks`` names each document's jackknife block (None - its segment). With ``checkpoint_path`` the
+    job resumes from a checkpoint of the same plan there and stops at a checkpoint on SIGTERM or SIGUSR1.
     """
     from tqdm import tqdm
 
-    set_matmul_precision(allow_tf32)
+    options = options or StatsOptions.from_config()
+    set_matmul_precision(options.allow_tf32)
     lengths = [len(d) for d in docs]
     segments = np.zeros(len(docs), np.int64) if segments is None else np.asarray(segments, dtype=np.int64)
     segment_blocks = segments if segment_blocks is None else np.asarray(segment_blocks, dtype=np.int64)
-    if batch_overhead_tokens is None:
-        batch_overhead_tokens = default_batch_overhead(next(model.parameters()).device.type)
-    batches, batch_segment = segment_batches(lengths, segments, max_tokens, max_batch, batch_overhead_tokens)
-    block_of_segment = {int(seg): int(blk) for seg, blk in zip(segments, segment_blocks)}
     attention = getattr(model.config, "_attn_implementation", None)
     longest = max(lengths, default=0)
-    if longest > max_tokens:
+    if longest > options.max_tokens:
         # never cut: one forward pass over the whole document. Its activations grow linearly with its length;
         # eager attention's scores with its square (sdpa's fused kernels do not materialise them)
-        print(f"{sum(n > max_tokens for n in lengths)} documents are longer than stats.max_tokens_per_batch = "
-              f"{max_tokens} (the longest {longest} tokens): each is a batch of its own, whole "
-              f"({attention} attention)")
-    accumulator = GramAccumulator(model, list(layers), gram_dtype, gram_tokens)
-    # The plan names the batches, layers, segments, accumulator layout and the grouping of tokens into Gram products
-    # (which moves the float32 rounding): a checkpoint of another plan is never resumed.
-    plan = (plan_digest(lengths, batches, accumulator.layers, [*segments, -1, *segment_blocks])
-            + f"-upper-g{accumulator.gram_tokens}-c{checkpoint_every}")
-    finished = FinishedSegments(str(checkpoint_path) if checkpoint_path else None, plan)
+        print(f"{sum(n > options.max_tokens for n in lengths)} documents are longer than "
+              f"stats.max_tokens_per_batch = {options.max_tokens} (the longest {longest} tokens): each is a batch of "
+              f"its own, whole ({attention} attention)")
+    accumulator = GramAccumulator(model, list(layers), options.gram_dtype, options.gram_tokens)
+    plan = ShardPlan.build(lengths, segments, segment_blocks, accumulator.layers, accumulator.gram_tokens, options,
+                           accumulator.device.type)
+    finished = FinishedSegments(str(checkpoint_path) if checkpoint_path else None, plan.name)
     start = 0
     if checkpoint_path and Path(checkpoint_path).exists():
-        start = _load_checkpoint(checkpoint_path, accumulator, finished, plan)
+        start = _load_checkpoint(checkpoint_path, accumulator, finished, plan.name)
         if start:
-            print(f"resuming from {checkpoint_path} at batch {start}/{len(batches)} ({accumulator.count} tokens)")
+            print(f"resuming from {checkpoint_path} at batch {start}/{len(plan.batches)} ({accumulator.count} tokens)")
     total = sum(lengths)
     done_before = accumulator.count
     t0 = time.perf_counter()
     bar = tqdm(total=total, initial=done_before, unit="tok", unit_scale=True, disable=not progress,
                desc=f"second moments, {len(accumulator.layers)} layers", mininterval=5)
-
-    def close_segment(index: int) -> None:
-        """The batches of a segment end before ``index``: its sums move to ``finished``."""
-        segment = batch_segment[index - 1]
-        finished.close(accumulator, segment, block_of_segment[segment], accumulator.count - sum(finished.counts))
-
-    with accumulator, _stop_requests(bool(checkpoint_path)) as stop:
-        for index in range(start, len(batches)):
-            # a segment is closed when the next one's first batch comes (also right after resuming there: a
-            # checkpoint is written before that, with the finished segment still in the accumulator)
-            if index > 0 and batch_segment[index] != batch_segment[index - 1]:
-                close_segment(index)
-            ids, mask, positions = pad_batch([docs[i] for i in batches[index]], pad_id)
-            bar.update(accumulator.add_batch(ids, mask, positions, index))
-            if (index + 1) % checkpoint_every == 0:
-                # with or without a checkpoint file, so that the result never depends on whether one was written
-                accumulator.flush()
-                if checkpoint_path and index + 1 < len(batches):
-                    _save_sums(checkpoint_path, accumulator, finished, {"plan": plan, "next_batch": index + 1},
-                               final=False)
-                    if stop:  # at a regular checkpoint, so the resumed result has the same bits
-                        raise JobStopped(f"stopped on {stop[0]} at batch {index + 1}/{len(batches)}: checkpoint "
-                                         f"{checkpoint_path} saved; the job's rerun resumes from it")
-        if batches:
-            close_segment(len(batches))  # the last Gram products belong to the timed work
+    _accumulate(accumulator, docs, plan, start, finished, pad_id, options, checkpoint_path, bar)
     bar.close()
     elapsed = time.perf_counter() - t0
     if accumulator.count != total or sum(finished.counts) != total:
@@ -571,18 +653,18 @@ def collect_second_moments(
     throughput = (total - done_before) / elapsed if elapsed > 0 else float("nan")
     summary = {
         **record,
-        "plan": plan,
+        "plan": plan.name,
         "n_tokens": total,
-        "n_batches": len(batches),
-        "longest_batch_positions": max((len(b) * lengths[b[0]] for b in batches), default=0),  # padded, of one pass
+        "n_batches": len(plan.batches),
+        "longest_batch_positions": max((len(b) * lengths[b[0]] for b in plan.batches), default=0),  # of one pass
         "attention_implementation": attention,
-        "gram_dtype": gram_dtype,
+        "gram_dtype": options.gram_dtype,
         "gram_tokens": accumulator.gram_tokens,
         "accumulator_dtype": "float64",
         "stored_as": "per segment, the packed upper triangle (row-major, diagonal included) of the float64 sum",
         "model_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-        "device": str(next(model.parameters()).device),
-        "allow_tf32": allow_tf32,
+        "device": str(accumulator.device),
+        "allow_tf32": options.allow_tf32,
         "seconds": elapsed,
         "tokens_per_second": throughput,
     }

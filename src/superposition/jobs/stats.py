@@ -35,13 +35,8 @@ def activation_stats(model_json: str, shard_path: str, layers: Sequence[int], st
     return stats_mod.collect_second_moments(
         model, shard.docs, layers, out_path, record,
         pad_id=tokenizer.pad_token_id,
+        options=stats_mod.StatsOptions.from_config(stats_cfg),
         segments=segments,
         segment_blocks=segment_blocks,
-        max_tokens=stats_cfg["max_tokens_per_batch"],
-        max_batch=stats_cfg["max_batch_size"],
-        gram_dtype=stats_cfg["gram_dtype"],
-        gram_tokens=stats_cfg["gram_tokens"],
-        allow_tf32=stats_cfg["allow_tf32"],
         checkpoint_path=checkpoint_path,
-        checkpoint_every=stats_cfg["checkpoint_every"],
     )
