@@ -380,3 +380,163 @@ def test_a_failing_job_is_retried_with_more_memory_and_then_names_its_log(failin
     log = f"{results}/logs/model_snapshot/tiny.log"
     assert log in text, text[-5000:]  # the error names the rule's log ...
     assert "has no config.json" in Path(log).read_text()  # ... which says what went wrong
+
+
+# -------------------------------------------------------------------------- time limit, resubmission, resume
+
+# Test-only slowness, loaded by every Python process of the SLURM run through PYTHONPATH (sbatch --export=ALL
+# passes the environment into the job, Snakemake on to the script's interpreter): once superposition.stats is
+# imported, each batch of a statistics job sleeps SUPERPOSITION_TEST_BATCH_SLEEP seconds (in the first process
+# that runs batches only, so a resumed job runs at full speed), and every batch and the end of each
+# collect_second_moments call is a JSON line in SUPERPOSITION_TEST_TRACE (flushed at once: a SIGKILL loses none).
+SLOW_STATS_SITECUSTOMIZE = '''
+import os
+import sys
+
+if os.environ.get("SUPERPOSITION_TEST_BATCH_SLEEP"):
+    import importlib.abc
+    import importlib.machinery
+    import json
+    import time
+
+    _TRACE = os.environ["SUPERPOSITION_TEST_TRACE"]
+
+    def _trace(**record):
+        with open(_TRACE, "a") as handle:
+            handle.write(json.dumps({"pid": os.getpid(), "time": time.time(), **record}) + "\\n")
+
+    def _patch(module):
+        seconds = float(os.environ["SUPERPOSITION_TEST_BATCH_SLEEP"])
+        state = {}
+        add_batch, collect = module.GramAccumulator.add_batch, module.collect_second_moments
+
+        def slow_add_batch(self, ids, mask, positions, batch_index):
+            if "slow" not in state:  # the first process to run a batch is the slow one
+                state["slow"] = not os.path.exists(_TRACE) or "batch" not in open(_TRACE).read()
+            if state["slow"]:
+                time.sleep(seconds)
+            n = add_batch(self, ids, mask, positions, batch_index)
+            _trace(batch=batch_index, slow=state["slow"])
+            return n
+
+        def traced_collect(*args, **kwargs):
+            try:
+                result = collect(*args, **kwargs)
+            except BaseException as err:
+                _trace(raised=f"{type(err).__name__}: {err}")
+                raise
+            _trace(finished=result["n_batches"])
+            return result
+
+        module.GramAccumulator.add_batch = slow_add_batch
+        module.collect_second_moments = traced_collect
+
+    class _PatchStats(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name != "superposition.stats":
+                return None
+            spec = importlib.machinery.PathFinder.find_spec(name, path)
+            run = spec.loader.exec_module
+
+            def exec_module(module):
+                run(module)
+                _patch(module)
+
+            spec.loader.exec_module = exec_module
+            return spec
+
+    sys.meta_path.insert(0, _PatchStats())
+'''
+
+
+def _h5_datasets(path) -> dict[str, np.ndarray]:
+    out = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+    return out
+
+
+def test_a_statistics_job_killed_at_its_time_limit_resumes_from_its_checkpoint_on_resubmission(
+        slurm_cluster, smollm2_snapshot, tmp_path):
+    """`sbatch -t 1` for the first attempt of a statistics job that needs longer: SLURM's time limit ends it
+    (TIMEOUT; SIGTERM, SIGKILL KillWait = 5 s later), Snakemake's retry resubmits it with more time, and the retry
+    resumes from the checkpoint the first attempt left, to the bits of an uninterrupted local job."""
+    make_tiny_model(tmp_path, smollm2_snapshot["path"])
+    settings = tiny_settings(tmp_path)
+    # 300 short documents, one a batch: 150 batches a shard, each checkpointed; 1 s each (injected) makes the first
+    # attempt need 150 s, more than the minute it gets, while every checkpoint is 1 s from the last, well within
+    # KillWait
+    settings["corpus"].update(n_documents=300)
+    settings["stats"].update(checkpoint_every=1, max_batch_size=1)
+    run_dir = tmp_path / "results"
+    run_dir.mkdir()
+    cfg = write_config(run_dir, **settings)
+    results = Path(yaml.safe_load(cfg.read_text())["results"])
+    block = sp_config.block_name(list(range(3)))
+    target = results / "stats" / "tiny" / f"shard-0.block-{block}.h5"
+    checkpoint = results / "checkpoints" / "tiny" / f"shard-0.block-{block}.h5"
+    rule_log = results / "logs" / "activation_stats" / "tiny" / f"shard-0.block-{block}.log"
+
+    # the reference: the same job run locally, uninterrupted; then moved aside, so that only it is redone below
+    snakemake(str(target), "--cores", "2", "--configfile", str(cfg))
+    reference = tmp_path / "reference.h5"
+    target.rename(reference)
+    assert not checkpoint.exists()
+
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(SLOW_STATS_SITECUSTOMIZE)
+    trace = tmp_path / "trace.jsonl"
+    env = {**LOCAL_ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(inject), os.environ.get("PYTHONPATH")])),
+           "SUPERPOSITION_TEST_BATCH_SLEEP": "1", "SUPERPOSITION_TEST_TRACE": str(trace)}
+    profile_dir = local_profile(tmp_path / "profile", tmp_path / "slurm_logs")
+    profile = yaml.safe_load((profile_dir / "config.yaml").read_text())
+    profile["set-resources"]["activation_stats"]["runtime"] = "1 if attempt == 1 else 10"  # minutes
+    (profile_dir / "config.yaml").write_text(yaml.safe_dump(profile, sort_keys=False))
+
+    started = time.monotonic()
+    proc = run([*SNAKEMAKE, target, "--workflow-profile", profile_dir, "--configfile", cfg], 420, env=env,
+               check=False)
+    seconds = time.monotonic() - started
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"SLURM run failed:\n{text[-8000:]}"
+
+    # two SLURM jobs of the rule: the first ended by its time limit, the second, with more time, completed
+    jobs = slurm_jobs(text)
+    assert [rule_of(fields) for fields in jobs.values()] == ["activation_stats"] * 2, jobs
+    first, second = jobs.values()
+    assert (first["JobState"], first["TimeLimit"]) == ("TIMEOUT", "00:01:00"), first
+    assert (second["JobState"], second["TimeLimit"]) == ("COMPLETED", "00:10:00"), second
+    assert f"SLURM-job '{first['JobId']}' failed, SLURM status is: 'TIMEOUT'" in text, text[-5000:]
+    assert "Trying to restart job" in text
+
+    # the first attempt (slowed) ran batches 0..k-1, stopped at its checkpoint after batch k-1 on SLURM's SIGTERM;
+    # the second (full speed) started at batch k
+    records = [json.loads(line) for line in trace.read_text().splitlines()]
+    pids = list(dict.fromkeys(r["pid"] for r in records))
+    assert len(pids) == 2, records[-5:]  # the slowed first attempt and the retry
+    one = [r for r in records if r["pid"] == pids[0]]
+    two = [r for r in records if r["pid"] == pids[1]]
+    batches_one = [r["batch"] for r in one if "batch" in r]
+    batches_two = [r["batch"] for r in two if "batch" in r]
+    assert all(r["slow"] for r in one if "batch" in r) and not any(r["slow"] for r in two if "batch" in r)
+    stop = batches_one[-1] + 1
+    n_batches = two[-1]["finished"]
+    assert batches_one == list(range(stop)) and 0 < stop < n_batches, batches_one
+    stopped = one[-1].get("raised", "")  # at its next checkpoint, not killed by the second SIGTERM or SIGKILL
+    assert stopped.startswith(f"JobStopped: stopped on SIGTERM at batch {stop}/{n_batches}"), one[-3:]
+    assert batches_two == list(range(stop, n_batches)), batches_two[:5]
+    log = rule_log.read_text()  # the retry's log (each attempt rewrites it)
+    assert f"resuming from {checkpoint} at batch {stop}/{n_batches}" in log, log[-3000:]
+    assert not checkpoint.exists()  # removed once the output is written
+    # how long the first attempt ran in SLURM (RunTime, h:mm:ss) and in its batches
+    runtime = sum(int(x) * 60 ** i for i, x in enumerate(reversed(first["RunTime"].split(":"))))
+    batch_seconds = one[-1]["time"] - one[0]["time"]
+
+    # the resumed result is the uninterrupted one, bit for bit (every dataset; the attributes differ in timings)
+    got, want = _h5_datasets(target), _h5_datasets(reference)
+    assert sorted(got) == sorted(want) and got
+    for name in want:
+        assert got[name].dtype == want[name].dtype and got[name].tobytes() == want[name].tobytes(), name
+    print(f"time limit: attempt 1 ran {runtime} s in SLURM ({batch_seconds:.0f} s of batches), stopped at batch "
+          f"{stop}/{n_batches}; attempt 2 resumed at batch {batches_two[0]}; {seconds:.0f} s in all")

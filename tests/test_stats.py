@@ -424,12 +424,13 @@ def killed_run(tmp_path, out, checkpoint, crash_after=7):
     assert checkpoint.exists() and not out.exists()
 
 
-def signalled_run(tmp_path, out, checkpoint, signal_after=1):
+def signalled_run(tmp_path, out, checkpoint, signal_after=1, again_after=None):
     """run_statistics in a child process that sends itself SIGUSR1 (as sbatch --signal=USR1@... does) after
-    ``signal_after`` batches; it must stop at its next checkpoint (every 3 batches) with a JobStopped error."""
+    ``signal_after`` batches; it must stop at its next checkpoint (every 3 batches) with a JobStopped error. With
+    ``again_after`` (seconds) the signal comes a second time that long after the first."""
     script = tmp_path / "signalled.py"
     script.write_text(textwrap.dedent(f"""
-        import os, signal, sys
+        import os, signal, sys, time
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from superposition import stats
         from test_stats import run_statistics
@@ -438,6 +439,9 @@ def signalled_run(tmp_path, out, checkpoint, signal_after=1):
             n = add_batch(self, ids, mask, positions, batch_index)
             if batch_index + 1 == {signal_after}:
                 os.kill(os.getpid(), signal.SIGUSR1)
+                if {again_after!r} is not None:
+                    time.sleep({again_after!r})
+                    os.kill(os.getpid(), signal.SIGUSR1)
             return n
         stats.GramAccumulator.add_batch = signalling
         run_statistics({str(out)!r}, {str(checkpoint)!r})
@@ -518,6 +522,22 @@ def test_a_signalled_job_stops_at_its_next_checkpoint_and_resumes_to_the_same_bi
     assert "resuming from" in printed and "at batch 3/" in printed
     (a, na), (b, nb) = read_segment_sums(out), undisturbed_sums[0]
     assert na == nb and all(np.array_equal(a[key], b[key]) for key in b)
+
+
+def test_a_signal_repeated_at_once_is_one_request_and_a_later_one_ends_the_job(tmp_path):
+    """SLURM signals an srun step's processes twice within milliseconds at a time limit (tests/test_slurm.py): that
+    is still a stop at the next checkpoint. A second signal REPEATED_SIGNAL_SECONDS after the first ends the job
+    at once (the default action), before the checkpoint after batch 3."""
+    ckpt, out = tmp_path / "ckpt.h5", tmp_path / "out.h5"
+    stopped = signalled_run(tmp_path, out, ckpt, signal_after=1, again_after=0.0)
+    assert "SIGUSR1 received again" in stopped.stderr + stopped.stdout, stopped.stderr[-2000:]
+    assert "JobStopped: stopped on SIGUSR1 at batch 3/" in stopped.stderr, stopped.stderr[-2000:]
+    with h5py.File(ckpt) as f:
+        assert int(f.attrs["next_batch"]) == 3
+    ckpt.unlink()
+    killed = signalled_run(tmp_path, out, ckpt, signal_after=1, again_after=stats.REPEATED_SIGNAL_SECONDS + 0.2)
+    assert killed.returncode == -signal.SIGUSR1, killed.stderr[-2000:]
+    assert "JobStopped" not in killed.stderr and not ckpt.exists() and not out.exists()
 
 
 def test_without_a_checkpoint_file_a_signal_ends_the_job_at_once(tmp_path):
