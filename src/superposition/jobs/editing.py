@@ -7,7 +7,6 @@ import dataclasses
 import sys
 from typing import Any
 
-import h5py
 import numpy as np
 
 from .. import config as config_mod
@@ -17,7 +16,7 @@ from .. import keys as keys_mod
 from .. import models
 from .. import stats as stats_mod
 from .. import whitening as whitening_mod
-from ..provenance import ProvenanceError, atomic_path, environment, read_json, set_attrs, write_table
+from ..provenance import ProvenanceError, environment, read_json, write_h5, write_table
 
 
 def lifelong_edit(model_json: str, keys_path: str, whitening_path: str, covariance_path: str, selection_path: str,
@@ -150,26 +149,25 @@ def lifelong_edit(model_json: str, keys_path: str, whitening_path: str, covarian
         record.update({"memit_layers": sorted(memit_layers), "memit_key_drift_max": runs["memit"].key_drift})
     if null_dim is not None:
         record.update({"null_space_dim": null_dim, "null_space_cutoff": cutoff})
-    with atomic_path(out_h5) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("pool_case_ids", data=np.asarray(pool, dtype=np.int64))
-            f.create_dataset("edit_rows", data=np.asarray(edit_rows, dtype=np.int64))
-            f.create_dataset("retained_rows", data=np.asarray(retained_rows, dtype=np.int64))
-            for method, run in runs.items():
-                g = f.create_group(method)
-                g.create_dataset("deltas", data=np.asarray(run.deltas))  # (n_edits, d_out) float64
-                # measured: the edited layer's output change at the retained facts' subject tokens (hooked forward)
-                g.create_dataset("measured_dv", data=run.final_measured)  # (d_out, n_retained)
-                g.create_dataset("last_hidden_change", data=run.final_hidden_change)  # (n_retained,) relative
-                g.create_dataset("consistency_dv", data=run.consistency_dv)  # (d_out, n_pool): (W_n - W_0) K, algebra
-                if method == "closed_form":
-                    g.create_dataset("predicted_dv", data=run.final_predicted)  # (d_out, n_pool): sum_i p delta_i
-                if method == "control":
-                    g.create_dataset("key_gain", data=np.asarray(run.key_gain))  # (n_edits,) u^T k_e
-                if cfg.save_weights:  # the edited layer is W_0 + weight_change (W_0: the snapshot's weights)
-                    g.create_dataset("weight_change", data=run.weight_change, compression="gzip")
-                    if method == "memit":  # every layer MEMIT edits
-                        for x, change in run.layer_changes.items():
-                            g.create_dataset(f"layer_changes/{x}", data=change, compression="gzip")
-            set_attrs(f, record)
+    datasets: dict[str, Any] = {"pool_case_ids": np.asarray(pool, dtype=np.int64),
+                                "edit_rows": np.asarray(edit_rows, dtype=np.int64),
+                                "retained_rows": np.asarray(retained_rows, dtype=np.int64)}
+    compress = []
+    for method, run in runs.items():
+        datasets[f"{method}/deltas"] = np.asarray(run.deltas)  # (n_edits, d_out) float64
+        # measured: the edited layer's output change at the retained facts' subject tokens (hooked forward)
+        datasets[f"{method}/measured_dv"] = run.final_measured  # (d_out, n_retained)
+        datasets[f"{method}/last_hidden_change"] = run.final_hidden_change  # (n_retained,) relative
+        datasets[f"{method}/consistency_dv"] = run.consistency_dv  # (d_out, n_pool): (W_n - W_0) K, algebra
+        if method == "closed_form":
+            datasets[f"{method}/predicted_dv"] = run.final_predicted  # (d_out, n_pool): sum_i p delta_i
+        if method == "control":
+            datasets[f"{method}/key_gain"] = np.asarray(run.key_gain)  # (n_edits,) u^T k_e
+        if cfg.save_weights:  # the edited layer is W_0 + weight_change (W_0: the snapshot's weights)
+            changes = {f"{method}/weight_change": run.weight_change}
+            if method == "memit":  # every layer MEMIT edits
+                changes.update({f"{method}/layer_changes/{x}": change for x, change in run.layer_changes.items()})
+            datasets.update(changes)
+            compress += list(changes)
+    write_h5(out_h5, datasets, record, compress=compress)
     print(f"{name} layer {layer}: " + ", ".join(f"{k} {v:.2f}" for k, v in timing.items()))
