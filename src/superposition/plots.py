@@ -316,6 +316,8 @@ def convergence(rows: Sequence[dict[str, float]], d_m: int, model: str, png, pdf
             color = None
             for column, style in zip(columns, ("-", "--")):
                 v = values(column)
+                if scale == "log":  # the full corpus's distance to itself is 0: no point on a log axis
+                    v = np.where(v > 0, v, np.nan)
                 with np.errstate(all="ignore"), warnings.catch_warnings():
                     warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: a singular C at that N
                     line, = ax.plot(x, np.nanmedian(v, axis=0), style, marker="o", ms=2.5, lw=1.2, color=color,
