@@ -24,7 +24,7 @@ block size that fits (``check_blocks``).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 MB = 1000**2
@@ -102,20 +102,30 @@ def _params_from_shape(n_layers: int, d_m: int) -> float:
 # ------------------------------------------------------------------------------------- statistics jobs
 
 
+def _schema_default(key: str):
+    """A dataclass field whose default is the schema's for stats.``key`` (read when an instance is made)."""
+    from . import settings
+
+    return field(default_factory=lambda: settings.default(f"stats.{key}"))
+
+
 @dataclass(frozen=True)
 class StatsSettings:
-    """The stats.* keys the statistics job's memory depends on."""
+    """The stats.* keys the statistics job's memory depends on (of the same names; defaults: the schema's)."""
 
-    model_dtype: str = "float32"
-    gram_dtype: str = "float32"
-    max_tokens_per_batch: int = 4096
-    corpus_blocks: int = 8
+    model_dtype: str = _schema_default("model_dtype")
+    gram_dtype: str = _schema_default("gram_dtype")
+    max_tokens_per_batch: int = _schema_default("max_tokens_per_batch")
+    corpus_blocks: int = _schema_default("corpus_blocks")
 
     @classmethod
     def from_config(cls, stats: dict | None) -> "StatsSettings":
-        stats = stats or {}
-        return cls(stats.get("model_dtype", "float32"), stats.get("gram_dtype", "float32"),
-                   int(stats.get("max_tokens_per_batch", 4096)), int(stats.get("corpus_blocks", 8)))
+        """From a stats section; a key it lacks takes the schema's default."""
+        values = {name: stats[name] for name in cls.__dataclass_fields__ if name in (stats or {})}
+        for name in ("max_tokens_per_batch", "corpus_blocks"):
+            if name in values:
+                values[name] = int(values[name])
+        return cls(**values)
 
 
 def n_segments(tokens_total: int, corpus_blocks: int, d_m: int) -> int:
