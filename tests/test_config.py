@@ -53,6 +53,17 @@ def test_semantic_errors_name_the_key(cfg, section, values, message):
     assert message in str(err.value)
 
 
+def test_a_key_left_out_is_checked_at_its_schema_default(cfg):
+    """A config that omits facts.pool_size (a file given without the schema's defaults filled in) is checked
+    against the schema's 512: m = 600 is refused with that value in the message (not a KeyError)."""
+    from superposition import settings
+
+    facts = {k: v for k, v in cfg["facts"].items() if k != "pool_size"}
+    with pytest.raises(sp_config.ConfigError) as err:
+        sp_config.validate({**cfg, "facts": {**facts, "m": 600}})
+    assert f"facts.pool_size is {settings.default('facts.pool_size')} but facts.m is 600" in str(err.value)
+
+
 def test_an_unknown_model_type_is_refused(cfg):
     cfg["models"]["smollm2-135m"]["model_type"] = "mixtral-ish"
     with pytest.raises(sp_config.ConfigError, match="models.smollm2-135m.model_type: model_type 'mixtral-ish' has no "

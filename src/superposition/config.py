@@ -186,12 +186,17 @@ def edit_layer(config: dict[str, Any], name: str) -> int:
     return int(requested)
 
 
-def _editing_setting(config: dict[str, Any], name: str) -> Any:
-    """editing.{name}, or the schema's default."""
+def _setting(config: dict[str, Any], name: str) -> Any:
+    """The key named ``name`` ("facts.pool_size") in ``config``, or the schema's default."""
     from . import settings
 
-    key = next(k for k in settings.declared_keys() if k.path == ("editing", name))
+    key = next(k for k in settings.declared_keys() if k.name == name)
     return settings.value_of(config, key)
+
+
+def _editing_setting(config: dict[str, Any], name: str) -> Any:
+    """editing.{name}, or the schema's default."""
+    return _setting(config, f"editing.{name}")
 
 
 def memit_layer_range(edit_layer_: int, n_layers: int) -> list[int]:
@@ -319,15 +324,16 @@ def validate(config: dict[str, Any]) -> None:
     corpus = config["corpus"]
     if corpus["source"] == "local" and not corpus.get("path"):
         raise ConfigError("corpus.source is 'local' but corpus.path is not set")
-    if corpus.get("n_documents") and not corpus.get("n_tokens") and corpus.get("n_shards", 1) > corpus["n_documents"]:
-        raise ConfigError(f"corpus.n_shards is {corpus['n_shards']} but corpus.n_documents is only "
+    if corpus.get("n_documents") and not corpus.get("n_tokens") and _setting(config, "corpus.n_shards") > corpus["n_documents"]:
+        raise ConfigError(f"corpus.n_shards is {_setting(config, 'corpus.n_shards')} but corpus.n_documents is only "
                           f"{corpus['n_documents']}: every shard needs at least one document")
-    if facts.get("source", "probe") == "file" and not facts.get("path"):
+    if _setting(config, "facts.source") == "file" and not facts.get("path"):
         raise ConfigError("facts.source is 'file' but facts.path is not set: name a JSON file of CounterFact-shaped "
                           "records")
-    if facts.get("pool_size", 512) < facts["m"]:
-        raise ConfigError(f"facts.pool_size is {facts['pool_size']} but facts.m is {facts['m']}: the pool of known "
+    pool_size = _setting(config, "facts.pool_size")
+    if pool_size < facts["m"]:
+        raise ConfigError(f"facts.pool_size is {pool_size} but facts.m is {facts['m']}: the pool of known "
                           f"facts must hold at least the m selected ones")
-    low, high, _ = (config.get("summaries") or {}).get("kde_grid", [-1.5, 1.5, 601])
+    low, high, _ = _setting(config, "summaries.kde_grid")
     if not low < high:
         raise ConfigError(f"summaries.kde_grid is {[low, high, _]}: its minimum must be below its maximum")
