@@ -28,7 +28,9 @@ rule model_snapshot:
         res("benchmarks/model_snapshot/{model}.tsv")
     conda:
         "../envs/superposition.yaml"
-    threads: 2
+    # one thread: the GGUF dequantisation is single-threaded numpy (Gemma-3: 30.6 s on 1 thread, 31.7 s on 2, the
+    # same bytes), so the models' snapshots run side by side
+    threads: 1
     resources:
         mem_mb=sized(snapshot_resources, "mem_mb"),
         runtime=sized(snapshot_resources, "runtime"),

@@ -4,6 +4,8 @@ unchanged, a real edit on the offline model works, and bad edit plans fail clear
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -509,6 +511,38 @@ def test_memit_runs_in_sequence_and_measures_where_the_keys_fixed_prediction_fai
     assert two["measured_interference_mean"] > 0
 
 
+def test_run_methods_replays_the_blocks_below_the_lowest_evaluated_layer_and_changes_no_number():
+    """Closed form and MEMIT over layers 1-2 of a tiny Llama through run_methods (block 0 replayed) give exactly
+    the steps, values and weight changes of run_sequence with every block run; a method editing below the
+    lowest evaluated layer is refused."""
+    from conftest import tiny_tokenizer
+
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    common = {"n_edits": 2, "eval_every": 1, "value_steps": 5, "memit_batch_size": 1, "memit_mom2_weight": 1.0}
+    logged = []
+    setup, cfg = _memit_setup(model, tokenizer, [1, 2], common, log=logged.append)
+    assert setup.eval_layers == [2, 1]
+    want = {}
+    for name in ("closed_form", "memit"):
+        want[name] = editing.run_sequence(setup, editing.make_method(name, setup), TINY_FACTS[:2], [0, 1],
+                                          TINY_FACTS[2:])
+    calls = []
+    models.key_module(model, 0).register_forward_hook(lambda *a: calls.append(1))
+    got = editing.run_methods(setup, ["closed_form", "memit"], TINY_FACTS[:2], [0, 1], TINY_FACTS[2:])
+    for name, run in want.items():
+        for a, b in zip(got[name].steps, run.steps, strict=True):
+            np.testing.assert_array_equal([a[k] for k in sorted(a)], [b[k] for k in sorted(b)])
+        np.testing.assert_array_equal(got[name].deltas, run.deltas)
+        for x in run.layer_changes:
+            np.testing.assert_array_equal(got[name].layer_changes[x], run.layer_changes[x])
+    replayed = re.search(r"blocks below layer 1 ran for (\d+) prompt batches and were replayed for (\d+)", logged[-1])
+    assert replayed and int(replayed[2]) > int(replayed[1]) > 0, logged[-1]
+    assert len(calls) == int(replayed[1])  # block 0 ran only for the batches it had not seen
+    only_closed_form, _ = _memit_setup(model, tokenizer, [1, 2], {**common, "methods": ["closed_form"]})
+    with pytest.raises(editing.EditingError, match="memit edits layer 1, below the lowest evaluated layer 2"):
+        editing.run_methods(only_closed_form, ["closed_form", "memit"], TINY_FACTS[:2], [0, 1], TINY_FACTS[2:])
+
+
 def test_memit_refuses_a_model_that_normalises_its_mlp_output():
     from conftest import tiny_tokenizer
 
@@ -572,3 +606,73 @@ def test_kl_term_lowers_the_essence_drift_and_off_runs_no_second_forward():
     assert kl_on < 0.5 * kl_off, (kl_on, kl_off)
     # the search still moves towards the target (its nll below the unedited one)
     assert on.nll < editing.optimise_value(model, tokenizer, module, fact, "Spanish", **{**common, "steps": 1}).nll
+
+
+# ------------------------------------------------------------------------------ replaying the lower blocks
+
+
+def _batch(seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 100, (2, 7), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    return dict(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0), use_cache=False)
+
+
+def test_replayed_lower_blocks_give_the_full_forward_bit_for_bit_and_run_once_per_batch(family_model):
+    model = family_model.eval().requires_grad_(False)
+    n_layers = len(models.blocks(model))
+    calls = []
+    models.key_module(model, 0).register_forward_hook(lambda *a: calls.append(1))
+    first, second = _batch(0), _batch(1)
+    with torch.no_grad():
+        want = [model(**first).logits, model(**second).logits]
+        calls.clear()
+        with editing.ReplayBelow(model, n_layers - 1) as replay:
+            got = [model(**first).logits, model(**first).logits, model(**second).logits, model(**first).logits]
+        assert len(calls) == 2  # block 0 ran for the two distinct batches only
+        assert (replay.misses, replay.hits) == (2, 2)
+        for logits, expected in zip(got, [want[0], want[0], want[1], want[0]]):
+            assert torch.equal(logits, expected)
+        # left: the blocks run again
+        calls.clear()
+        assert torch.equal(model(**first).logits, want[0]) and len(calls) == 1
+        assert all("forward" not in block.__dict__ for block in models.blocks(model))
+
+
+def test_replay_follows_weight_changes_above_the_boundary_and_the_gradient_through_them():
+    """Lifelong editing's use: the weights of the boundary layer change between forwards and a value vector added
+    at its down projection's output is optimised; outputs and gradients equal those of full forwards."""
+    model = tiny_model("llama", n_layers=4).eval().requires_grad_(False)
+    module = models.key_module(model, 2)
+    batch = _batch(2)
+
+    def loss_and_grad():
+        delta = torch.zeros(module.weight.shape[0], requires_grad=True)
+        handle = module.register_forward_hook(lambda m, a, out: out + delta)
+        try:
+            loss = model(**batch).logits.square().mean()
+            loss.backward()
+        finally:
+            handle.remove()
+        return loss.detach(), delta.grad
+
+    with torch.no_grad():
+        module.weight.mul_(1.5)
+    want = loss_and_grad()
+    with torch.no_grad():
+        module.weight.div_(1.5)
+    with editing.ReplayBelow(model, 2) as replay:
+        loss_and_grad()  # stored with the weights before the change
+        with torch.no_grad():
+            module.weight.mul_(1.5)
+        got = loss_and_grad()
+    assert replay.hits == 1
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_replay_refuses_to_give_the_hidden_states_it_skips():
+    model = tiny_model("llama").eval()
+    with editing.ReplayBelow(model, 2), pytest.raises(ValueError, match="cannot give the hidden states of the "
+                                                                      "blocks it replays"):
+        model(**_batch(), output_hidden_states=True)

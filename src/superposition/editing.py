@@ -25,6 +25,7 @@ check the algebra without a model. Weights are kept as a float64 master copy; th
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import time
@@ -38,7 +39,7 @@ from .config import ConfigError, check_memit_batches
 from .facts import Fact, FactError
 from .keys import run_prompts, subject_last_index, target_first_token
 from .matrices import gram_whitened, p_matrix, whitened_keys
-from .models import batch_tokens, blocks, key_module
+from .models import batch_tokens, blocks, check_layers, family_of_config, key_module
 
 METHODS = ("closed_form", "null_space", "control", "memit")
 # ROME's essence-drift prompt (compute_v's kl_prompts)
@@ -273,6 +274,104 @@ def optimise_value(model, tokenizer, module, fact: Fact, target: str, *, steps: 
             handle.remove()
     return ValueResult(delta.detach().double().cpu().numpy(), state["key"], used, nll_value,
                        time.perf_counter() - start, kl_value)
+
+
+# -------------------------------------------------------------- replaying the blocks below the edits
+
+
+def _batch_key(value):
+    """A hashable key of a forward argument: a tensor's shape, dtype and bytes; a mapping's (Gemma-3's masks per
+    attention type) item by item."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, dict):
+        return tuple((key, _batch_key(item)) for key, item in sorted(value.items()))
+    return (tuple(value.shape), str(value.dtype), value.detach().cpu().numpy().tobytes())
+
+
+class ReplayBelow:
+    """Run the blocks below ``layer`` once per distinct batch and replay their output after that.
+
+    The residual stream entering block ``layer`` is a function of the batch (token ids, attention mask, positions)
+    and of the weights below ``layer`` alone. While those weights stay as they are (lifelong editing changes only
+    ``layer`` and above), a batch seen before skips the lower blocks: every one of them returns the stored output of
+    block ``layer - 1``, so block ``layer`` gets the very tensor it got the first time and every later output is bit
+    for bit what the full forward gives. A context manager; inside it no hook below ``layer`` may be needed (a
+    replayed batch runs none) and no weight below ``layer`` may change. ``hits``/``misses`` count the batches.
+    """
+
+    def __init__(self, model, layer: int, max_batches: int = 64):
+        self.model, self.layer, self.max_batches = model, int(layer), int(max_batches)
+        self.blocks = blocks(model)
+        check_layers([self.layer], len(self.blocks), model.config.model_type)
+        self.stored: "collections.OrderedDict[tuple, Any]" = collections.OrderedDict()
+        self.hits = self.misses = 0
+        self._batch: tuple | None = None
+        self._handles: list = []
+        self._own_forward: dict[int, Any] = {}  # a forward set on the block itself before (accelerate's hooks)
+
+    def _identify(self, module, args, kwargs) -> None:
+        """The batch about to run: a key of its token ids (or input embeddings), mask and positions, and of the
+        autograd mode (so that a tensor stored under inference_mode never enters a graph)."""
+        import torch
+
+        if kwargs.get("output_hidden_states"):
+            raise ValueError("ReplayBelow cannot give the hidden states of the blocks it replays "
+                             "(output_hidden_states=True)")
+        first = args[0] if args else None
+        parts: list = [torch.is_inference_mode_enabled(), torch.is_grad_enabled()]
+        for name in ("input_ids", "inputs_embeds", "attention_mask", "position_ids"):
+            parts.append(_batch_key(kwargs.get(name, first if name == "input_ids" else None)))
+        self._batch = tuple(parts) if parts[2] is not None or parts[3] is not None else None
+
+    def _replaying(self, index: int, forward):
+        last = index == self.layer - 1
+
+        def replay(*args, **kwargs):
+            stored = self.stored.get(self._batch) if self._batch is not None else None
+            if stored is not None:
+                if last:
+                    self.hits += 1
+                    self.stored.move_to_end(self._batch)
+                return stored
+            out = forward(*args, **kwargs)
+            if last and self._batch is not None:
+                self.misses += 1
+                self.stored[self._batch] = out
+                if len(self.stored) > self.max_batches:
+                    self.stored.popitem(last=False)
+            return out
+        return replay
+
+    def __enter__(self) -> "ReplayBelow":
+        if self.layer == 0:
+            return self
+        # the module that runs the blocks (the base model, OPT's decoder, Gemma-3's language model) sees the batch
+        family = family_of_config(self.model.config)
+        parent, _, _ = family.layers_attr.rpartition(".")
+        runner = self.model.base_model
+        for attr in parent.split(".") if parent else ():
+            runner = getattr(runner, attr)
+        self._handles.append(runner.register_forward_pre_hook(self._identify, with_kwargs=True))
+        for index in range(self.layer):
+            block = self.blocks[index]
+            if "forward" in block.__dict__:
+                self._own_forward[index] = block.__dict__["forward"]
+            block.forward = self._replaying(index, block.forward)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        for index in range(self.layer):
+            block = self.blocks[index]
+            if index in self._own_forward:
+                block.forward = self._own_forward.pop(index)
+            else:
+                block.__dict__.pop("forward", None)  # the class's forward again
+        self.stored.clear()
+        return False
 
 
 # ---------------------------------------------------------------------------------------- the run
@@ -775,6 +874,32 @@ def run_sequence(setup: EditSetup, method: Method, edit_facts: Sequence[Fact], e
     finally:
         method.restore()  # the next method starts from the unedited model
     return out
+
+
+def run_methods(setup: EditSetup, methods: Sequence[str], edit_facts: Sequence[Fact], edit_rows: Sequence[int],
+                retained: Sequence[Fact]) -> dict[str, MethodRun]:
+    """Every method's run of the same edits, one after the other from the unedited model (its evaluation before any
+    edit computed once).
+
+    No method edits or hooks a layer below the lowest of ``setup.eval_layers``, so the blocks below it compute the
+    same residual stream for a prompt in every forward of the job: they run once per distinct prompt batch and are
+    replayed after that (``ReplayBelow``; the outputs are bit for bit those of full forwards).
+    """
+    boundary = min(setup.eval_layers)
+    made = [make_method(name, setup) for name in methods]
+    for method in made:
+        if min(method.W) < boundary:
+            raise EditingError(f"{method.name} edits layer {min(method.W)}, below the lowest evaluated layer "
+                               f"{boundary}: its forward passes cannot replay the blocks below")
+    runs: dict[str, MethodRun] = {}
+    with ReplayBelow(setup.model, boundary) as replay:
+        for method in made:
+            earlier = next(iter(runs.values()), None)  # before any edit every method sees the same model
+            runs[method.name] = run_sequence(setup, method, edit_facts, edit_rows, retained,
+                                             unedited=earlier.unedited if earlier else None)
+    setup.log(f"blocks below layer {boundary} ran for {replay.misses} prompt batches and were replayed for "
+              f"{replay.hits}")
+    return runs
 
 
 def pool_p_matrix(K_pool: np.ndarray, cholesky: np.ndarray) -> np.ndarray:

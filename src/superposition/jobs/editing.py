@@ -81,12 +81,8 @@ def lifelong_edit(model_json: str, keys_path: str, whitening_path: str, covarian
     if memit_layers:
         print(f"{name}: MEMIT edits layers {sorted(memit_layers)} in batches of {cfg.memit_batch_size} "
               f"(lambda {cfg.memit_mom2_weight:g})")
-    runs = {}
-    for method in cfg.methods:
-        earlier = next(iter(runs.values()), None)  # before any edit every method sees the same model
-        runs[method] = editing.run_sequence(setup, editing.make_method(method, setup), edits, edit_rows, retained,
-                                            unedited=earlier.unedited if earlier else None)
-        sys.stdout.flush()
+    runs = editing.run_methods(setup, cfg.methods, edits, edit_rows, retained)
+    sys.stdout.flush()
     first = runs[cfg.methods[0]]
 
     # steps table: one row per evaluation, the configured methods' columns side by side
