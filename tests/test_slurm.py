@@ -23,10 +23,14 @@ import numpy as np
 import pytest
 import yaml
 
-from workflow_helpers import make_tiny_model, snakemake, tiny_settings, write_config
+from workflow_helpers import make_tiny_model, run_folder, snakemake, tiny_settings, write_config
 
 from superposition import config as sp_config
 from superposition import sizing
+
+# one worker runs this module's tests one after the other (pytest-xdist --dist loadgroup): they share the module's
+# local cluster, whose one node has one fake GPU
+pytestmark = pytest.mark.xdist_group("slurm")
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILE = REPO / "profiles" / "slurm"
@@ -44,8 +48,20 @@ LOCAL_ENV = {
 }
 
 
-def run(cmd, seconds, *, cwd=REPO, env=None, check=True):
-    """A subprocess under `timeout -k 10 seconds`; output captured as text."""
+def in_run_folder(cmd) -> tuple[Path, list[str]]:
+    """A ``python -m snakemake`` command line in workflow_helpers.run_folder's folder (each test's run its own
+    .snakemake); any other command in the repository."""
+    cmd = [str(c) for c in cmd]
+    if cmd[:len(SNAKEMAKE)] != SNAKEMAKE:
+        return REPO, cmd
+    folder, args = run_folder(cmd[len(SNAKEMAKE):])
+    return folder, [*SNAKEMAKE, *args]
+
+
+def run(cmd, seconds, *, cwd=None, env=None, check=True):
+    """A subprocess under `timeout -k 10 seconds` (Snakemake in its run folder unless ``cwd``); output as text."""
+    folder, cmd = in_run_folder(cmd)
+    cwd = folder if cwd is None else cwd
     full = ["timeout", "-k", "10", str(seconds), *map(str, cmd)]
     proc = subprocess.run(full, cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True)
     if proc.returncode == 124:
@@ -237,10 +253,11 @@ class Background:
     """A Snakemake run through the cluster started now and collected later (its output in files, not pipes)."""
 
     def __init__(self, cmd, seconds: int, folder: Path, env: dict):
+        cwd, cmd = in_run_folder(cmd)
         self.cmd = ["timeout", "-k", "10", str(seconds), *map(str, cmd)]
         self.out, self.err = folder / "stdout", folder / "stderr"
         with open(self.out, "w") as out, open(self.err, "w") as err:
-            self.proc = subprocess.Popen(self.cmd, cwd=REPO, env={**os.environ, **env}, stdout=out, stderr=err,
+            self.proc = subprocess.Popen(self.cmd, cwd=cwd, env={**os.environ, **env}, stdout=out, stderr=err,
                                          text=True)
 
     def result(self, timeout: float) -> subprocess.CompletedProcess:

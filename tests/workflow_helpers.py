@@ -82,11 +82,30 @@ def _forked_run(args, cwd, env: dict) -> subprocess.CompletedProcess:
         _IDLE_SERVERS.put(server)
 
 
-def snakemake(*args, cwd=REPO, check=True, env=None, forked=True):
+def run_folder(args) -> tuple[Path, list[str]]:
+    """Where a Snakemake command line of a test runs, and the command line to run there: beside its --configfile
+    when that is outside the repository (a test's own), with the Snakefile named; else in the repository.
+
+    Snakemake keeps its lock and metadata in the working directory's .snakemake, and every run deletes the whole
+    lock folder when it ends: runs of concurrent test workers (pytest-xdist) must not share one. A config's
+    dry runs and reruns find the metadata of its earlier runs there."""
+    args = [str(a) for a in args]
+    if "--configfile" not in args:
+        return REPO, args
+    config = Path(args[args.index("--configfile") + 1])
+    if not config.is_absolute() or config.resolve().is_relative_to(REPO):
+        return REPO, args
+    return config.resolve().parent, ["--snakefile", str(REPO / "Snakefile"), *args]
+
+
+def snakemake(*args, cwd=None, check=True, env=None, forked=True):
     """``python -m snakemake *args`` in a forked child of a server that has Snakemake imported already
-    (tests/snakemake_server.py), or with ``forked=False`` in a fresh interpreter. The jobs of a run are the same
-    subprocesses either way; what needs a process of its own to kill (tests/test_fault_injection.py, the SLURM
-    runs of tests/test_slurm.py) starts ``python -m snakemake`` itself."""
+    (tests/snakemake_server.py), or with ``forked=False`` in a fresh interpreter, in ``run_folder``'s folder unless
+    ``cwd`` is given. The jobs of a run are the same subprocesses either way; what needs a process of its own to
+    kill (tests/test_fault_injection.py, the SLURM runs of tests/test_slurm.py) starts ``python -m snakemake``
+    itself, in the same folder."""
+    folder, args = run_folder(args)
+    cwd = folder if cwd is None else cwd
     env = _without_slurm_probe(env)
     if forked:
         proc = _forked_run(args, cwd, env)
