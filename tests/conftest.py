@@ -15,7 +15,7 @@ import torch
 if os.environ.get("SUPERPOSITION_ONLINE_TESTS") != "1":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# two threads in all; each of pytest-xdist's workers (tests run side by side) its share
+# two threads in all; under pytest-xdist each worker (tests run side by side) its share
 torch.set_num_threads(max(1, 2 // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 FAMILIES = ["gpt2", "gptj", "gpt_neox", "llama", "gemma3_text", "mistral", "qwen2", "qwen3", "phi3", "olmo2",
@@ -189,7 +189,26 @@ def tiny_run(tmp_path_factory, smollm2_snapshot):
 SLOW_FIXTURES = {"smollm2_snapshot", "smollm2", "gemma3_snapshot", "tiny_run", "slurm_cluster"}
 
 
+# The longest tests first, so that pytest-xdist's workers start them at once and the quick ones fill in after:
+# the SLURM runs (two to three minutes each, mostly waiting for the cluster), then the users of the tiny run.
+FIRST_FIXTURES = ("slurm_cluster", "tiny_run")
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+    def rank(item):
+        names = set(getattr(item, "fixturenames", ()))
+        return next((i for i, name in enumerate(FIRST_FIXTURES) if name in names), len(FIRST_FIXTURES))
+
+    items.sort(key=rank)  # stable: the collection order within each rank
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: one worker more than the cores, as the suite spends about half its time waiting (for SLURM's
+    polls, for subprocesses); PYTEST_XDIST_AUTO_NUM_WORKERS still decides where it is set."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return int(os.environ["PYTEST_XDIST_AUTO_NUM_WORKERS"])
+    return (os.cpu_count() or 1) + 1

@@ -28,10 +28,6 @@ from workflow_helpers import make_tiny_model, run_folder, snakemake, tiny_settin
 from superposition import config as sp_config
 from superposition import sizing
 
-# one worker runs this module's tests one after the other (pytest-xdist --dist loadgroup): they share the module's
-# local cluster, whose one node has one fake GPU
-pytestmark = pytest.mark.xdist_group("slurm")
-
 REPO = Path(__file__).resolve().parents[1]
 PROFILE = REPO / "profiles" / "slurm"
 SCRIPTS = Path(__file__).resolve().parent / "slurm"
@@ -279,8 +275,8 @@ class Background:
 @pytest.fixture(scope="module")
 def failing_job(slurm_cluster, tmp_path_factory):
     """The run of test_a_failing_job_is_retried_...: a job that is submitted and runs on the node (valid
-    partitions) but fails, since the local model does not exist. It is started by the first cluster test and
-    checked by its own: its two attempts mostly wait for their status polls, as the tiny workflow's jobs do."""
+    partitions) but fails, since the local model does not exist. Its two attempts mostly wait for their status
+    polls; under pytest-xdist the cluster tests run side by side, each on its worker."""
     tmp = tmp_path_factory.mktemp("failing_job")
     cfg = write_config(tmp, models={"tiny": {"source": "local", "path": str(tmp / "nothing"), "n_layers": 3}})
     profile = local_profile(tmp / "profile", tmp / "slurm_logs")
@@ -291,7 +287,7 @@ def failing_job(slurm_cluster, tmp_path_factory):
     run.stop()
 
 
-def test_tiny_workflow_through_slurm_matches_a_local_run(slurm_cluster, failing_job, tiny_run, smollm2_snapshot,
+def test_tiny_workflow_through_slurm_matches_a_local_run(slurm_cluster, tiny_run, smollm2_snapshot,
                                                          tmp_path):
     cfg_slurm = tiny_setup(tmp_path, smollm2_snapshot["path"], "via_slurm")
     profile = local_profile(tmp_path / "profile", tmp_path / "slurm_logs")

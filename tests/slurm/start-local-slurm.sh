@@ -4,8 +4,9 @@
 #   bash tests/slurm/start-local-slurm.sh    # install if needed, configure, start, wait for the node
 #   bash tests/slurm/stop-local-slurm.sh     # stop the daemons again
 #
-# The node is named after `hostname`, has the CPUs and memory that `slurmd -C` finds and one fake GPU
-# (gres gpu:fake:1 backed by /dev/null), so jobs asking for --gpus=1 are scheduled like on a GPU node.
+# The node is named after `hostname`, has the CPUs and memory that `slurmd -C` finds and two fake GPUs
+# (gres gpu:fake:2 backed by /dev/null and /dev/zero), so jobs asking for --gpus=1 are scheduled like on a GPU
+# node, two at a time (the cluster tests run side by side under pytest-xdist).
 # Two partitions share the node: `cpu` (the default) and `gpu`. There is no slurmdbd: `sacct` does not
 # work, so Snakemake must query job states with squeue (--slurm-status-command squeue).
 #
@@ -135,13 +136,14 @@ KillWait=5
 Waittime=0
 SlurmctldTimeout=30
 SlurmdTimeout=60
-NodeName=$HOST $NODE_HW Gres=gpu:fake:1 State=UNKNOWN
+NodeName=$HOST $NODE_HW Gres=gpu:fake:2 State=UNKNOWN
 PartitionName=cpu Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
 PartitionName=gpu Nodes=$HOST Default=NO MaxTime=INFINITE State=UP
 EOF
 cat >"$CONF_DIR/gres.conf.new" <<EOF
-# One fake GPU: slurmd only needs a device file to exist; jobs get CUDA_VISIBLE_DEVICES for it.
+# Two fake GPUs: slurmd only needs a device file for each; jobs get CUDA_VISIBLE_DEVICES for theirs.
 NodeName=$HOST Name=gpu Type=fake File=/dev/null
+NodeName=$HOST Name=gpu Type=fake File=/dev/zero
 EOF
 # cgroup.conf would make slurmd load the cgroup plugin, which needs systemd/cgroupfs we do not manage
 rm -f "$CONF_DIR/cgroup.conf"
