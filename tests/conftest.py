@@ -189,21 +189,31 @@ def tiny_run(tmp_path_factory, smollm2_snapshot):
 SLOW_FIXTURES = {"smollm2_snapshot", "smollm2", "gemma3_snapshot", "tiny_run", "slurm_cluster"}
 
 
-# The longest tests first, so that pytest-xdist's workers start them at once and the quick ones fill in after:
-# the SLURM runs (two to three minutes each, mostly waiting for the cluster), then the users of the tiny run.
-FIRST_FIXTURES = ("slurm_cluster", "tiny_run")
+# Where pytest-xdist starts: its first two tests go to the first worker, the next two to the second, and so on
+# (--maxschedchunk 1), then each worker takes the next pending test as it frees up. So the longest tests start at
+# once, each beside a short one, and the others fill in after (durations measured in this suite on 2 cores, three
+# workers; a test not listed runs in collection order after these).
+FIRST_TESTS = [
+    "test_a_statistics_job_killed_at_its_time_limit_resumes_from_its_checkpoint_on_resubmission",  # 174 s, waits
+    "test_a_signal_repeated_at_once_is_one_request_and_a_later_one_ends_the_job",  # 21 s
+    "test_tiny_workflow_through_slurm_matches_a_local_run",  # 107 s, after the tiny run it compares with (65 s)
+    "test_gpu_check_runs_every_section_on_the_cpu",  # 21 s
+    "test_snapshot_tokenizer_ids_match_the_gguf_vocabulary",  # SmolLM2 6 s, Gemma 45-62 s (its snapshot)
+    "test_a_failing_job_is_retried_with_more_memory_and_then_names_its_log",  # 66 s, waits for SLURM's polls
+    "test_killed_jobs_of_every_kind_rerun_to_the_undisturbed_result",  # 88 s
+    "test_every_config_key_reruns_exactly_what_reads_it",  # 46 s
+    "test_adding_layers_runs_statistics_only_for_them_and_leaves_the_other_layers_alone",  # 45 s
+    "test_an_imported_model_runs_without_corpus_or_statistics",  # 25 s
+    "test_a_code_change_in_each_module_reruns_exactly_its_users",  # 18 s
+]
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-
-    def rank(item):
-        names = set(getattr(item, "fixturenames", ()))
-        return next((i for i, name in enumerate(FIRST_FIXTURES) if name in names), len(FIRST_FIXTURES))
-
-    items.sort(key=rank)  # stable: the collection order within each rank
+    first = {name: i for i, name in enumerate(FIRST_TESTS)}
+    items.sort(key=lambda item: first.get(getattr(item, "originalname", item.name), len(first)))  # stable
 
 
 def pytest_xdist_auto_num_workers(config):
