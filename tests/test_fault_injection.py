@@ -42,14 +42,26 @@ def _start(cfg: Path, env: dict) -> subprocess.Popen:
 
 
 def _kill_at_next_job(proc: subprocess.Popen, results: Path, remaining: set[str], timeout: float = 300) -> str | None:
-    """SIGKILL the run's process group once a job of a remaining kind has started; None if the run ended first."""
-    seen = {kind: set(results.glob(log)) for kind, (log, _) in KINDS.items()}
+    """SIGKILL the run's process group once a job of a remaining kind has started; None if the run ended first.
+
+    A job has started when its log is new or rewritten (a job opens its log afresh): a job killed with another
+    one's process group (two run at once) writes the same log again when it reruns."""
+    def logs(pattern):
+        found = {}
+        for path in results.glob(pattern):
+            try:
+                found[path] = path.stat().st_mtime_ns
+            except FileNotFoundError:  # removed between the listing and the stat
+                pass
+        return found
+
+    seen = {kind: logs(log) for kind, (log, _) in KINDS.items()}
     started: dict[str, float] = {}
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for kind in sorted(remaining):
             log, midway = KINDS[kind]
-            if kind not in started and set(results.glob(log)) - seen[kind]:
+            if kind not in started and logs(log).items() - seen[kind].items():
                 started[kind] = time.monotonic()
             # a statistics job imports torch and loads the model before its first checkpoint: seconds on a
             # loaded machine, so the fallback (a job that ends before one is seen) waits longer
