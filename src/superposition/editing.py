@@ -39,7 +39,7 @@ from .config import ConfigError, check_memit_batches
 from .facts import Fact, FactError
 from .keys import run_prompts, subject_last_index, target_first_token
 from .matrices import gram_whitened, p_matrix, whitened_keys
-from .models import batch_tokens, blocks, check_layers, family_of_config, key_module
+from .models import _submodule, batch_tokens, blocks, check_layers, family_of_config, key_module
 
 METHODS = ("closed_form", "null_space", "control", "memit")
 # ROME's essence-drift prompt (compute_v's kl_prompts)
@@ -347,11 +347,8 @@ class ReplayBelow:
         if self.layer == 0:
             return self
         # the module that runs the blocks (the base model, OPT's decoder, Gemma-3's language model) sees the batch
-        family = family_of_config(self.model.config)
-        parent, _, _ = family.layers_attr.rpartition(".")
-        runner = self.model.base_model
-        for attr in parent.split(".") if parent else ():
-            runner = getattr(runner, attr)
+        parent, _, _ = family_of_config(self.model.config).layers_attr.rpartition(".")
+        runner = _submodule(self.model.base_model, parent) if parent else self.model.base_model
         self._handles.append(runner.register_forward_pre_hook(self._identify, with_kwargs=True))
         for index in range(self.layer):
             block = self.blocks[index]
