@@ -20,7 +20,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import yaml
-from workflow_helpers import REPO, SNAKEMAKE, _without_slurm_probe, run_folder, snakemake
+from workflow_helpers import SNAKEMAKE, _without_slurm_probe, run_folder, snakemake
 
 # kind -> (the log that says one of its jobs has started, an artifact that says it is mid-way)
 KINDS = {
@@ -116,9 +116,9 @@ def test_killed_jobs_of_every_kind_rerun_to_the_undisturbed_result(tiny_run, tmp
 
     # a second snakemake on the same results while one runs: refused by the lock, saying why
     first = _start(cfg_path, env)
+    locks = run_folder(["--configfile", str(cfg_path)])[0] / ".snakemake" / "locks"  # the run's own folder
     deadline = time.monotonic() + 120
-    while not any((run_folder(["--configfile", str(cfg_path)])[0] / ".snakemake" / "locks").glob("*")) \
-            and time.monotonic() < deadline:
+    while not any(locks.glob("*")) and time.monotonic() < deadline:
         time.sleep(0.05)
     second = snakemake("--cores", "1", "--configfile", str(cfg_path), check=False)
     assert second.returncode != 0
