@@ -1,11 +1,13 @@
 """Killed jobs on the tiny workflow: SIGKILL in the middle of each kind of job, then snakemake again.
 
 One run of the tiny workflow is killed (the whole process group, as a node failure or the OOM killer would) as soon
-as a job of a kind not yet killed has started (its log exists; a statistics job once its checkpoint exists, so
-that the rerun resumes mid-shard), once per kind. After every kill no file under a final name may be invalid (every HDF5 file
-opens and its checksummed datasets read back, every JSON parses), the stale lock is reported with the way out, and
-the last run ends with every dataset identical, bit for bit, to the undisturbed tiny run. Before the first kill a
-second snakemake started on the same results is refused by Snakemake's lock.
+as a job of a kind not yet killed has started (its log is new or rewritten; a statistics job once its checkpoint
+exists, so that the rerun resumes mid-shard: until one is killed, statistics jobs stop themselves after writing a
+checkpoint, tests/inject/sitecustomize.py, as the tiny model's batches take less than a poll), once per kind. After
+every kill no file under a final name may be invalid (every HDF5 file opens and its checksummed datasets read back,
+every JSON parses), the stale lock is reported with the way out, and the last run ends with every dataset
+identical, bit for bit, to the undisturbed tiny run. Before the first kill a second snakemake started on the same
+results is refused by Snakemake's lock.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import yaml
-from workflow_helpers import SNAKEMAKE, _without_slurm_probe, run_folder, snakemake
+from workflow_helpers import SNAKEMAKE, _without_slurm_probe, injected_env, run_folder, snakemake
 
 # kind -> (the log that says one of its jobs has started, an artifact that says it is mid-way)
 KINDS = {
@@ -41,8 +43,10 @@ def _start(cfg: Path, env: dict) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
-def _kill_at_next_job(proc: subprocess.Popen, results: Path, remaining: set[str], timeout: float = 300) -> str | None:
-    """SIGKILL the run's process group once a job of a remaining kind has started; None if the run ended first.
+def _kill_at_next_job(proc: subprocess.Popen, results: Path, remaining: set[str],
+                      timeout: float = 300) -> tuple[str | None, list[str]]:
+    """SIGKILL the run's process group once a job of a remaining kind has started (None if the run ended first);
+    with the kinds seen starting, in order.
 
     A job has started when its log is new or rewritten (a job opens its log afresh): a job killed with another
     one's process group (two run at once) writes the same log again when it reruns."""
@@ -56,25 +60,22 @@ def _kill_at_next_job(proc: subprocess.Popen, results: Path, remaining: set[str]
         return found
 
     seen = {kind: logs(log) for kind, (log, _) in KINDS.items()}
-    started: dict[str, float] = {}
+    started: list[str] = []
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for kind in sorted(remaining):
             log, midway = KINDS[kind]
             if kind not in started and logs(log).items() - seen[kind].items():
-                started[kind] = time.monotonic()
-            # a statistics job imports torch and loads the model before its first checkpoint: seconds on a
-            # loaded machine, so the fallback (a job that ends before one is seen) waits longer
-            if kind in started and (midway is None or any(results.glob(midway))
-                                    or time.monotonic() - started[kind] > 60):
+                started.append(kind)
+            if kind in started and (midway is None or any(results.glob(midway))):
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-                return kind
+                return kind, started
         if proc.poll() is not None:
-            return None
+            return None, started
         time.sleep(0.05)  # every job runs for seconds; polling faster only takes the CPU from them
     os.killpg(proc.pid, signal.SIGKILL)
-    raise AssertionError(f"no job of {sorted(remaining)} started within {timeout} s")
+    raise AssertionError(f"no job of {sorted(remaining)} started within {timeout} s (started: {started})")
 
 
 def _no_invalid_artifact(results: Path) -> None:
@@ -114,8 +115,13 @@ def test_killed_jobs_of_every_kind_rerun_to_the_undisturbed_result(tiny_run, tmp
     cfg_path.write_text(yaml.safe_dump(cfg))
     env = _without_slurm_probe(None)
 
+    def start(remaining):
+        # until a statistics job is killed, each stops after writing a checkpoint: the kill finds it there
+        stop = {"SUPERPOSITION_TEST_STOP_AT_CHECKPOINT": "1"} if "activation_stats" in remaining else {}
+        return _start(cfg_path, injected_env(env, **stop))
+
     # a second snakemake on the same results while one runs: refused by the lock, saying why
-    first = _start(cfg_path, env)
+    first = start(set(KINDS))
     locks = run_folder(["--configfile", str(cfg_path)])[0] / ".snakemake" / "locks"  # the run's own folder
     deadline = time.monotonic() + 120
     while not any(locks.glob("*")) and time.monotonic() < deadline:
@@ -124,10 +130,12 @@ def test_killed_jobs_of_every_kind_rerun_to_the_undisturbed_result(tiny_run, tmp
     assert second.returncode != 0
     assert "Directory cannot be locked" in second.stdout + second.stderr
 
-    killed, log = [], []
-    proc, remaining = first, set(KINDS)
+    killed, rounds, log = [], [], []
+    remaining = set(KINDS)
+    proc = first
     while True:
-        kind = _kill_at_next_job(proc, results, remaining)
+        kind, started = _kill_at_next_job(proc, results, remaining)
+        rounds.append(f"started {started}, killed {kind}")
         if kind is None:
             log.append(proc.stdout.read()[-3000:])
             break
@@ -138,9 +146,10 @@ def test_killed_jobs_of_every_kind_rerun_to_the_undisturbed_result(tiny_run, tmp
             stale = snakemake("--cores", "1", "--configfile", str(cfg_path), check=False)
             assert stale.returncode != 0 and "--unlock" in stale.stdout + stale.stderr
         snakemake("--unlock", "--configfile", str(cfg_path))
-        proc = _start(cfg_path, env)
-    assert proc.returncode == 0, log[-1]
-    assert sorted(killed) == sorted(KINDS), f"killed {killed}; the run ended before the others started"
+        proc = start(remaining)
+    assert proc.returncode == 0, f"{rounds}\n{log[-1]}"
+    assert sorted(killed) == sorted(KINDS), f"the run ended before every kind was killed; by round: {rounds}"
+    print("by round:", *rounds, sep="\n  ")
     resumed = [p for p in results.glob("logs/activation_stats/tiny/*.log") if "resuming from" in p.read_text()]
     assert resumed, "the killed statistics job did not resume from its checkpoint"
 

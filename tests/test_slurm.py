@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import yaml
 
-from workflow_helpers import make_tiny_model, run_folder, snakemake, tiny_settings, write_config
+from workflow_helpers import injected_env, make_tiny_model, run_folder, snakemake, tiny_settings, write_config
 
 from superposition import config as sp_config
 from superposition import sizing
@@ -397,71 +397,6 @@ def test_a_failing_job_is_retried_with_more_memory_and_then_names_its_log(failin
 
 # -------------------------------------------------------------------------- time limit, resubmission, resume
 
-# Test-only slowness, loaded by every Python process of the SLURM run through PYTHONPATH (sbatch --export=ALL
-# passes the environment into the job, Snakemake on to the script's interpreter): once superposition.stats is
-# imported, each batch of a statistics job sleeps SUPERPOSITION_TEST_BATCH_SLEEP seconds (in the first process
-# that runs batches only, so a resumed job runs at full speed), and every batch and the end of each
-# collect_second_moments call is a JSON line in SUPERPOSITION_TEST_TRACE (flushed at once: a SIGKILL loses none).
-SLOW_STATS_SITECUSTOMIZE = '''
-import os
-import sys
-
-if os.environ.get("SUPERPOSITION_TEST_BATCH_SLEEP"):
-    import importlib.abc
-    import importlib.machinery
-    import json
-    import time
-
-    _TRACE = os.environ["SUPERPOSITION_TEST_TRACE"]
-
-    def _trace(**record):
-        with open(_TRACE, "a") as handle:
-            handle.write(json.dumps({"pid": os.getpid(), "time": time.time(), **record}) + "\\n")
-
-    def _patch(module):
-        seconds = float(os.environ["SUPERPOSITION_TEST_BATCH_SLEEP"])
-        state = {}
-        add_batch, collect = module.GramAccumulator.add_batch, module.collect_second_moments
-
-        def slow_add_batch(self, ids, mask, positions, batch_index):
-            if "slow" not in state:  # the first process to run a batch is the slow one
-                state["slow"] = not os.path.exists(_TRACE) or "batch" not in open(_TRACE).read()
-            if state["slow"]:
-                time.sleep(seconds)
-            n = add_batch(self, ids, mask, positions, batch_index)
-            _trace(batch=batch_index, slow=state["slow"])
-            return n
-
-        def traced_collect(*args, **kwargs):
-            try:
-                result = collect(*args, **kwargs)
-            except BaseException as err:
-                _trace(raised=f"{type(err).__name__}: {err}")
-                raise
-            _trace(finished=result["n_batches"])
-            return result
-
-        module.GramAccumulator.add_batch = slow_add_batch
-        module.collect_second_moments = traced_collect
-
-    class _PatchStats(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path, target=None):
-            if name != "superposition.stats":
-                return None
-            spec = importlib.machinery.PathFinder.find_spec(name, path)
-            run = spec.loader.exec_module
-
-            def exec_module(module):
-                run(module)
-                _patch(module)
-
-            spec.loader.exec_module = exec_module
-            return spec
-
-    sys.meta_path.insert(0, _PatchStats())
-'''
-
-
 def _h5_datasets(path) -> dict[str, np.ndarray]:
     out = {}
     with h5py.File(path, "r") as f:
@@ -496,12 +431,10 @@ def test_a_statistics_job_killed_at_its_time_limit_resumes_from_its_checkpoint_o
     target.rename(reference)
     assert not checkpoint.exists()
 
-    inject = tmp_path / "inject"
-    inject.mkdir()
-    (inject / "sitecustomize.py").write_text(SLOW_STATS_SITECUSTOMIZE)
     trace = tmp_path / "trace.jsonl"
-    env = {**LOCAL_ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(inject), os.environ.get("PYTHONPATH")])),
-           "SUPERPOSITION_TEST_BATCH_SLEEP": "1", "SUPERPOSITION_TEST_TRACE": str(trace)}
+    # each batch of the first attempt sleeps 1 s, every batch traced (tests/inject/sitecustomize.py)
+    env = injected_env({**os.environ, **LOCAL_ENV}, SUPERPOSITION_TEST_BATCH_SLEEP="1",
+                       SUPERPOSITION_TEST_TRACE=str(trace))
     profile_dir = local_profile(tmp_path / "profile", tmp_path / "slurm_logs")
     profile = yaml.safe_load((profile_dir / "config.yaml").read_text())
     profile["set-resources"]["activation_stats"]["runtime"] = "1 if attempt == 1 else 10"  # minutes

@@ -116,6 +116,13 @@ def snakemake(*args, cwd=None, check=True, env=None, forked=True):
     return proc
 
 
+def injected_env(env: dict, **variables: str) -> dict:
+    """``env`` with tests/inject first on PYTHONPATH (its sitecustomize gives statistics jobs the test-only
+    behaviour the ``variables`` switch on) and the ``variables`` set."""
+    path = os.pathsep.join(filter(None, [str(REPO / "tests" / "inject"), env.get("PYTHONPATH")]))
+    return {**env, "PYTHONPATH": path, **variables}
+
+
 def job_counts(output: str) -> dict[str, int]:
     """Parse the 'Job stats' table of a dry run."""
     counts = {}
