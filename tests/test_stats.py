@@ -241,11 +241,18 @@ def test_segments_must_be_runs_of_documents():
     assert all(len({[0, 0, 1, 1, 1][i] for i in b}) == 1 for b in batches)  # no batch mixes two segments
 
 
-def test_packed_upper_triangle_round_trips():
-    S = np.random.default_rng(0).standard_normal((7, 7))
+@pytest.mark.parametrize("d", [1, 7, stats.UNPACK_TILE, stats.UNPACK_TILE + 1, 2 * stats.UNPACK_TILE + 3])
+def test_packed_upper_triangle_is_numpys_triu_order_and_round_trips_exactly(d):
+    S = np.random.default_rng(d).standard_normal((d, d))
     S = S + S.T
     packed = stats.pack_upper(S)
-    assert packed.shape == (28,) and np.array_equal(stats.unpack_upper(packed), S)
+    assert packed.tobytes() == S[np.triu_indices(d)].tobytes()  # the stored layout, row by row
+    # every element back in place, in both triangles and across the unpacking's tiles, bit for bit
+    assert stats.unpack_upper(packed).tobytes() == S.tobytes()
+
+
+def test_a_packed_sum_of_the_wrong_length_is_refused():
+    packed = stats.pack_upper(np.eye(7))
     with pytest.raises(ValueError, match="27 values are not the upper triangle"):
         stats.unpack_upper(packed[:-1])
 
