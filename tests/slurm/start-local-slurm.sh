@@ -101,11 +101,6 @@ fi
 # keep a little memory back so the node never drains for "Low RealMemory"
 REAL_MEM=$(echo "$NODE_HW" | sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p')
 NODE_HW=$(echo "$NODE_HW" | sed "s/RealMemory=[0-9]*/RealMemory=$((REAL_MEM * 95 / 100))/")
-# twice the CPUs (slurmd takes the configured counts: SlurmdParameters=config_overrides): the cluster tests run side
-# by side and their jobs mostly wait (imports, polls, a time limit), so each would otherwise queue behind the others'
-CORES=$(echo "$NODE_HW" | sed -n 's/.*CoresPerSocket=\([0-9]*\).*/\1/p')
-CPUS=$(echo "$NODE_HW" | sed -n 's/.*CPUs=\([0-9]*\).*/\1/p')
-NODE_HW=$(echo "$NODE_HW" | sed -e "s/CPUs=[0-9]*/CPUs=$((CPUS * 2))/" -e "s/CoresPerSocket=[0-9]*/CoresPerSocket=$((${CORES:-$CPUS} * 2))/")
 
 cat >"$CONF_DIR/slurm.conf.new" <<EOF
 # Written by tests/slurm/start-local-slurm.sh: a one-node test cluster, no accounting database.
@@ -141,7 +136,6 @@ KillWait=5
 Waittime=0
 SlurmctldTimeout=30
 SlurmdTimeout=60
-SlurmdParameters=config_overrides
 NodeName=$HOST $NODE_HW Gres=gpu:fake:2 State=UNKNOWN
 PartitionName=cpu Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
 PartitionName=gpu Nodes=$HOST Default=NO MaxTime=INFINITE State=UP
