@@ -217,8 +217,9 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_xdist_auto_num_workers(config):
-    """``-n auto``: two workers more than the cores, as the suite spends about half its time waiting (for SLURM's
-    polls, for subprocesses, for a shared fixture); PYTEST_XDIST_AUTO_NUM_WORKERS still decides where it is set."""
+    """``-n auto``: two workers more than the cores, so that a test waiting (for SLURM's polls, a subprocess, a
+    shared fixture) leaves its core to another: with them both cores are busy throughout the suite.
+    PYTEST_XDIST_AUTO_NUM_WORKERS still decides where it is set."""
     if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
         return int(os.environ["PYTEST_XDIST_AUTO_NUM_WORKERS"])
     return (os.cpu_count() or 1) + 2
