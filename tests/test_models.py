@@ -221,3 +221,25 @@ def test_pad_batch_pads_either_side_with_positions_from_zero_and_right_is_the_st
         assert ours.dtype == theirs.dtype and torch.equal(ours, theirs)
     with pytest.raises(ValueError, match="padding side 'middle'"):
         models.pad_batch(seqs, 0, "middle")
+
+
+def test_loaded_models_hand_the_lm_head_a_contiguous_input(tmp_path):
+    """logits_to_keep=1 over a batch of prompts slices a strided view of the last hidden states, on which torch's CPU
+    linear runs a matrix-vector product per prompt (10x slower on Gemma's head, benchmarks/lm_head_input.py);
+    models.load makes the head's input contiguous, and the logits are the head applied to those rows."""
+    model = tiny_model("llama")
+    checkpoint = tmp_path / "tiny-llama"
+    model.save_pretrained(checkpoint)
+    tiny_tokenizer().save_pretrained(checkpoint)
+    spec = models.ModelSpec.from_config("tiny-llama", {"source": "local", "path": str(checkpoint), "n_layers": 3})
+    loaded, _ = models.load(models.snapshot(spec, tmp_path / "snapshot", tmp_path / "cache"), "cpu", "float32")
+    ids = torch.randint(0, 101, (3, 7))
+    for net, contiguous in ((model, False), (loaded, True)):  # the plain model shows what the slice hands over
+        seen = []
+        handle = net.lm_head.register_forward_pre_hook(lambda mod, args: seen.append(args[0].is_contiguous()))
+        with torch.no_grad():
+            logits = net(input_ids=ids, logits_to_keep=1).logits[:, -1]
+            last = net.base_model(input_ids=ids).last_hidden_state[:, -1].contiguous()
+        handle.remove()
+        assert seen[0] is contiguous
+    assert torch.equal(logits, loaded.lm_head(last))
