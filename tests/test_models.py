@@ -243,3 +243,16 @@ def test_loaded_models_hand_the_lm_head_a_contiguous_input(tmp_path):
         handle.remove()
         assert seen[0] is contiguous
     assert torch.equal(logits, loaded.lm_head(last))
+
+
+def test_pad_token_id_is_the_configs_pad_then_eos_then_zero():
+    config = tiny_model("llama").config
+    assert (config.pad_token_id, models.pad_token_id(config)) == (None, 2)  # no pad token: its eos_token_id
+    config.pad_token_id = 5
+    assert models.pad_token_id(config) == 5
+    config.pad_token_id, config.eos_token_id = None, [7, 2]
+    assert models.pad_token_id(config) == 7
+    config.eos_token_id = None
+    assert models.pad_token_id(config) == 0
+    assert models.pad_token_id(tiny_model("gemma3").config) == 0  # a multimodal config: its text config's
+

@@ -146,6 +146,23 @@ def test_float32_batch_gram_is_close_to_reference(tmp_path):
     assert np.linalg.norm(sums["layer_1"] / count - ref) <= 1e-5 * np.linalg.norm(ref)
 
 
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+def test_the_pad_id_does_not_change_a_bit_of_the_sums(model_type, tmp_path):
+    """The statistics jobs pad with the config's id (models.pad_token_id, no tokenizer loaded): right padding puts
+    every pad after the real tokens, so any id gives the same float32 keys and sums."""
+    model = tiny_model(model_type)
+    docs = random_docs(n_docs=10)
+    for pad_id, name in ((models.pad_token_id(model.config), "config.h5"), (57, "other.h5")):
+        stats.collect_second_moments(model, docs, [0, 2], tmp_path / name, {"model": "tiny"}, pad_id=pad_id,
+                                     options=stats.StatsOptions.from_config(max_tokens=10**6,
+                                                                             batch_overhead_tokens=10**9),
+                                     progress=False)
+    config, other = read_segment_sums(tmp_path / "config.h5")[0], read_segment_sums(tmp_path / "other.h5")[0]
+    assert models.pad_token_id(model.config) != 57 and config.keys() == other.keys()
+    for key in config:
+        assert np.array_equal(config[key], other[key]), key
+
+
 def test_pad_tokens_never_count(tmp_path):
     """Two very different batch plans (one document per batch vs everything padded together) agree."""
     model = tiny_model("gpt2").double()

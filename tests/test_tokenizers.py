@@ -36,7 +36,7 @@ def test_transformers_is_the_pinned_version():
     ],
 )
 def test_snapshot_tokenizer_ids_match_the_gguf_vocabulary(snapshot, pieces, bos, request, tmp_path):
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     manifest = request.getfixturevalue(snapshot)
     path = models.locate_gguf(manifest["package"], tmp_path)
@@ -48,6 +48,8 @@ def test_snapshot_tokenizer_ids_match_the_gguf_vocabulary(snapshot, pieces, bos,
     assert ids == expected
     assert tokenizer.decode(ids, skip_special_tokens=True) == SENTENCE
     assert len(tokenizer) >= len(vocab)
+    # the statistics jobs pad with the config's id instead of loading the tokenizer: the same batches as before
+    assert models.pad_token_id(AutoConfig.from_pretrained(manifest["path"])) == tokenizer.pad_token_id
 
 
 def test_gemma_snapshot_describes_the_model_it_holds(gemma3_snapshot):

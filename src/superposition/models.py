@@ -390,30 +390,55 @@ MODEL_DTYPES = ("float32", "bfloat16", "float16")
 
 def load(manifest: dict[str, Any], device: str = "auto", dtype: str = "float32"):
     """Load (model, tokenizer) from a snapshot manifest, in eval mode, tokenizer padding on the right."""
+    from transformers import AutoTokenizer
+
+    model = load_model(manifest, device, dtype)
+    tokenizer = AutoTokenizer.from_pretrained(manifest["path"], trust_remote_code=_trusted(manifest))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return model, tokenizer
+
+
+def _trusted(manifest: dict[str, Any]) -> bool:
+    return bool(manifest.get("trust_remote_code", False))
+
+
+def load_model(manifest: dict[str, Any], device: str = "auto", dtype: str = "float32"):
+    """The model of a snapshot manifest alone, frozen, in eval mode (the statistics jobs need no tokenizer: Gemma's
+    262k-word one takes 3-4 s to load), checked against the manifest's layers and width."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     if dtype not in MODEL_DTYPES:
         raise ValueError(f"model dtype {dtype!r} is not one of {MODEL_DTYPES}")
     dev = resolve_device(device)
-    trust = bool(manifest.get("trust_remote_code", False))
-    tokenizer = AutoTokenizer.from_pretrained(manifest["path"], trust_remote_code=trust)
     model = AutoModelForCausalLM.from_pretrained(
-        manifest["path"], dtype=getattr(torch, dtype), trust_remote_code=trust
+        manifest["path"], dtype=getattr(torch, dtype), trust_remote_code=_trusted(manifest)
     )
     model.to(dev).eval()
     model.requires_grad_(False)
     contiguous_head_input(model)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"
     arch = architecture(model.config)
     if arch["n_layers"] != manifest["n_layers"] or arch["d_m"] != manifest["d_m"]:
         raise ProvenanceError(
             f"model at {manifest['path']} has {arch['n_layers']} layers, d_m {arch['d_m']}; its manifest says "
             f"{manifest['n_layers']} layers, d_m {manifest['d_m']}"
         )
-    return model, tokenizer
+    return model
+
+
+def pad_token_id(config) -> int:
+    """The token id a batch is padded with without a tokenizer: the model config's pad token, else its EOS token
+    (what ``load`` gives the tokenizer), else 0. Right padding puts every pad after the real tokens, which never
+    attend to it, so the statistics do not depend on it (tested)."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for candidate in (getattr(config, "pad_token_id", None), getattr(config, "eos_token_id", None)):
+        if isinstance(candidate, (list, tuple)):
+            candidate = candidate[0] if candidate else None
+        if candidate is not None:
+            return int(candidate)
+    return 0
 
 
 def _contiguous_input(module, args):

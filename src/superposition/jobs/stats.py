@@ -15,7 +15,7 @@ def activation_stats(model_json: str, shard_path: str, layers: Sequence[int], st
                      ) -> dict[str, Any]:
     manifest = models.read_manifest(model_json)
     shard = corpus_mod.read_shard(shard_path, model=models.identity(manifest))
-    model, tokenizer = models.load(manifest, stats_cfg["device"], stats_cfg["model_dtype"])
+    model = models.load_model(manifest, stats_cfg["device"], stats_cfg["model_dtype"])
     record = {
         **models.provenance_of(manifest),
         **environment(),
@@ -34,7 +34,7 @@ def activation_stats(model_json: str, shard_path: str, layers: Sequence[int], st
                    "block_targets": block_targets, "corpus_tokens": int(shard.attrs["corpus_tokens"])})
     return stats_mod.collect_second_moments(
         model, shard.docs, layers, out_path, record,
-        pad_id=tokenizer.pad_token_id,
+        pad_id=models.pad_token_id(model.config),
         options=stats_mod.StatsOptions.from_config(stats_cfg),
         segments=segments,
         segment_blocks=segment_blocks,
