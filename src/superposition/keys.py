@@ -265,7 +265,9 @@ def run_prompts(
     layers = list(range(n_layers)) if layers is None else list(layers)
     rows = prompt_rows(facts, context_templates, predictions)
     enc, subject_index = locate_subjects(tokenizer, facts, rows, prepend_bos)
-    last_logits: list = []
+    first_rows = rows.first_rows
+    scored = set(first_rows)
+    last_logits: list = []  # the bare prompts' rows only, batch by batch (a row of Gemma's logits is 1 MB)
     with Capture(model, layers, module_outputs, final_hidden) as capture:
         for begin in range(0, len(rows.texts), batch_size):
             chunk = range(begin, min(begin + batch_size, len(rows.texts)))
@@ -278,16 +280,15 @@ def run_prompts(
             logits = _forward(model, ids, mask, positions, last, predictions=predictions,
                               padding_side=padding_side, hooked=bool(layers) or final_hidden)
             if logits is not None:
-                last_logits.append(logits)
+                last_logits.append(logits[[i - begin for i in chunk if i in scored]])
 
     keys = per_fact(capture.keys, layers, rows) if layers else None
     outputs = per_fact(capture.outputs, layers, rows) if layers and module_outputs else None
-    first_rows = rows.first_rows
     final = torch.cat(capture.final).numpy()[first_rows] if final_hidden else None
     token_index = [subject_index[i] for i in first_rows]
     token_str = [tokenizer.convert_ids_to_tokens(enc["input_ids"][i][subject_index[i]]) for i in first_rows]
     first_position = [subject_index[i] == leading_special_tokens(enc["offset_mapping"][i]) for i in first_rows]
-    scores = score_predictions(tokenizer, facts, torch.cat(last_logits)[first_rows]) if predictions \
+    scores = score_predictions(tokenizer, facts, torch.cat(last_logits)) if predictions \
         else ([], [], [], [])
     return PromptRun(keys, token_index, token_str, first_position, *scores, outputs, final)
 
