@@ -311,11 +311,24 @@ def snapshot(spec: ModelSpec, out_dir: str | os.PathLike, cache_dir: str | os.Pa
 def _gguf_parsed_once():
     """transformers parses a GGUF file anew for the tokenizer, the config and the weights (its vocabulary fields
     take seconds each time) and rebuilds gguf's tensor-name map for every module it maps. Both are pure functions
-    of their arguments, so within one conversion each is made once; the converted files are the same."""
+    of their arguments, so within one conversion each is made once; the converted files are the same.
+
+    The reader also sees the file as a plain array instead of a memmap: it slices every vocabulary entry out of it
+    element by element, and each memmap slice runs Python code (Gemma's 262,144 tokens; the converted files are the
+    same bytes)."""
     import gguf
 
+    class PlainArrayReader(gguf.GGUFReader):
+        @property
+        def data(self):
+            return self._plain_data
+
+        @data.setter
+        def data(self, mapped):
+            self._plain_data = np.asarray(mapped)  # a view of the same mapped bytes
+
     reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
-    gguf.GGUFReader = functools.lru_cache(maxsize=2)(reader)
+    gguf.GGUFReader = functools.lru_cache(maxsize=2)(PlainArrayReader)
     gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(name_map)
     try:
         yield
