@@ -443,8 +443,9 @@ def load_model(manifest: dict[str, Any], device: str = "auto", dtype: str = "flo
 
 def pad_token_id(config) -> int:
     """The token id a batch is padded with without a tokenizer: the model config's pad token, else its EOS token
-    (what ``load`` gives the tokenizer), else 0. Right padding puts every pad after the real tokens, which never
-    attend to it, so the statistics do not depend on it (tested)."""
+    (the fallback ``load`` gives a tokenizer without a pad token), else 0; for both offline models it is their
+    tokenizer's pad id (tested). Right padding puts every pad after the real tokens, which never attend to it, so
+    the statistics do not depend on it (tested)."""
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     for candidate in (getattr(config, "pad_token_id", None), getattr(config, "eos_token_id", None)):
         if isinstance(candidate, (list, tuple)):
