@@ -25,11 +25,15 @@ Sections:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import platform
+import sys
 import time
+import traceback
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -147,47 +151,68 @@ def rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def correctness(device: str, tiny: bool) -> list[dict]:
+def correctness(device: str, tiny: bool) -> Iterator[dict]:
     tokenizer, facts = a_tokenizer()
     vocab = len(tokenizer)
-    rows = []
-    n_docs, max_len = (12, 40) if tiny else (64, 512)
     cases = [(f, family_config(f, vocab)) for f in ("gpt2", "gptj", "gpt_neox", "llama", "gemma3_text")]
     cases.append(("smollm2-shape", config_of("smollm2", tiny, vocab)))
     for name, config in cases:
-        config.vocab_size = vocab
-        docs = random_docs(n_docs, max_len, vocab)
-        # one set of weights: the float32 model, and copies of it in float64 (the reference) and bf16
-        model = build(config, device, torch.float32)
-        ref_model = copy.deepcopy(model).double()
-        ref = second_moments(ref_model, docs, gram_dtype="float64")
-        C_ref = {l: s / ref["n_tokens"] for l, s in ref["sums"].items()}
-        del ref_model
-        row = {"model": name, "layers": len(C_ref), "tokens": ref["n_tokens"]}
-        for label, kw, m in (("fp32", {}, model), ("tf32", {"allow_tf32": True}, model)):
-            got = second_moments(m, docs, **kw)
-            row[f"C_rel_err_{label}"] = max(rel(got["sums"][l] / got["n_tokens"], C_ref[l]) for l in C_ref)
-        bf16 = copy.deepcopy(model).to(torch.bfloat16)
-        got = second_moments(bf16, docs)
-        row["C_rel_err_bf16_weights"] = max(rel(got["sums"][l] / got["n_tokens"], C_ref[l]) for l in C_ref)
-        del bf16
-        # keys and P on the device against the CPU, and padding / batch invariance on the device
-        probe = facts[:48]
-        on_device = keys_mod.run_prompts(model, tokenizer, probe, layers=None, predictions=False, batch_size=16)
-        single = keys_mod.run_prompts(model, tokenizer, probe, layers=None, predictions=False, batch_size=1)
-        cpu_model = copy.deepcopy(model).to("cpu")
-        on_cpu = keys_mod.run_prompts(cpu_model, tokenizer, probe, layers=None, predictions=False, batch_size=16)
-        row["keys_rel_err_vs_cpu"] = max(rel(on_device.keys[:, l], on_cpu.keys[:, l]) for l in C_ref)
-        row["keys_rel_err_batch1_vs_16"] = max(rel(single.keys[:, l], on_device.keys[:, l]) for l in C_ref)
-        last = max(C_ref)
-        L = whiten(C_ref[last], ridge=1e-6 * np.trace(C_ref[last]) / len(C_ref[last])).cholesky
-        P_dev = matrices.superposition_matrices(on_device.keys[:, last].astype(np.float64), L)["P"]
-        P_cpu = matrices.superposition_matrices(on_cpu.keys[:, last].astype(np.float64), L)["P"]
-        row["P_max_abs_err_vs_cpu"] = float(np.abs(P_dev - P_cpu).max())
-        rows.append(row)
-        del model, cpu_model
-        empty_cache(device)
-    return rows
+        yield guarded({"model": name}, device, lambda: correctness_case(device, tiny, config, tokenizer, facts))
+
+
+def correctness_case(device: str, tiny: bool, config, tokenizer, facts) -> dict:
+    n_docs, max_len = (12, 40) if tiny else (64, 512)
+    vocab = len(tokenizer)
+    config.vocab_size = vocab
+    docs = random_docs(n_docs, max_len, vocab)
+    # one set of weights: the float32 model, and copies of it in float64 (the reference) and bf16
+    model = build(config, device, torch.float32)
+    ref_model = copy.deepcopy(model).double()
+    ref = second_moments(ref_model, docs, gram_dtype="float64")
+    C_ref = {l: s / ref["n_tokens"] for l, s in ref["sums"].items()}
+    del ref_model
+    row = {"layers": len(C_ref), "tokens": ref["n_tokens"]}
+    for label, kw, m in (("fp32", {}, model), ("tf32", {"allow_tf32": True}, model)):
+        got = second_moments(m, docs, **kw)
+        row[f"C_rel_err_{label}"] = max(rel(got["sums"][l] / got["n_tokens"], C_ref[l]) for l in C_ref)
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    got = second_moments(bf16, docs)
+    row["C_rel_err_bf16_weights"] = max(rel(got["sums"][l] / got["n_tokens"], C_ref[l]) for l in C_ref)
+    del bf16
+    # keys and P on the device against the CPU, and padding / batch invariance on the device
+    probe = facts[:48]
+    on_device = keys_mod.run_prompts(model, tokenizer, probe, layers=None, predictions=False, batch_size=16)
+    single = keys_mod.run_prompts(model, tokenizer, probe, layers=None, predictions=False, batch_size=1)
+    cpu_model = copy.deepcopy(model).to("cpu")
+    on_cpu = keys_mod.run_prompts(cpu_model, tokenizer, probe, layers=None, predictions=False, batch_size=16)
+    row["keys_rel_err_vs_cpu"] = max(rel(on_device.keys[:, l], on_cpu.keys[:, l]) for l in C_ref)
+    row["keys_rel_err_batch1_vs_16"] = max(rel(single.keys[:, l], on_device.keys[:, l]) for l in C_ref)
+    last = max(C_ref)
+    L = whiten(C_ref[last], ridge=1e-6 * np.trace(C_ref[last]) / len(C_ref[last])).cholesky
+    P_dev = matrices.superposition_matrices(on_device.keys[:, last].astype(np.float64), L)["P"]
+    P_cpu = matrices.superposition_matrices(on_cpu.keys[:, last].astype(np.float64), L)["P"]
+    row["P_max_abs_err_vs_cpu"] = float(np.abs(P_dev - P_cpu).max())
+    del model, cpu_model
+    return row
+
+
+DEADLINE = float("inf")  # perf_counter() after which no case starts (--budget)
+
+
+def guarded(head: dict, device: str, measure: Callable[[], dict]) -> dict:
+    """One case's row; an exception becomes the row's error (the GPU lease is too short to stop at the first one)."""
+    t0 = time.perf_counter()
+    if t0 > DEADLINE:
+        return {**head, "error": "skipped: the --budget seconds were spent"}
+    try:
+        row = {**head, **measure()}
+    except Exception as error:  # noqa: BLE001 - reported in the table, the run goes on
+        row = {**head, "error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()[-4000:]}
+        print(row["traceback"], file=sys.stderr, flush=True)
+    empty_cache(device)
+    row["case_seconds"] = time.perf_counter() - t0
+    print(json.dumps({k: v for k, v in row.items() if k != "traceback"}, default=float), flush=True)
+    return row
 
 
 def empty_cache(device: str) -> None:
@@ -261,51 +286,73 @@ def gemm_peak(device, dtype, n):
     return best
 
 
-def throughput(device: str, tiny: bool) -> tuple[list[dict], dict]:
+def gemm_peaks(device: str, tiny: bool) -> dict:
     stats.set_matmul_precision(False)
     n = 512 if tiny else 8192
-    peaks = {"fp32": gemm_peak(device, torch.float32, n),
-             "bf16": gemm_peak(device, torch.bfloat16, n) if device != "cpu" or tiny else float("nan")}
-    rows = []
-    vocab = 1000
+    return {"fp32": gemm_peak(device, torch.float32, n),
+            "bf16": gemm_peak(device, torch.bfloat16, n) if device != "cpu" or tiny else float("nan")}
+
+
+def throughput(device: str, tiny: bool, peaks: dict) -> Iterator[dict]:
+    stats.set_matmul_precision(False)
     for kind, dtype, tokens in (("smollm2", torch.float32, 2_000 if tiny else 400_000),
                                 ("gpt2", torch.float32, 2_000 if tiny else 400_000),
                                 ("llama2_7b", torch.bfloat16, 2_000 if tiny else 120_000)):
-        config = config_of(kind, tiny, vocab)
-        model = build(config, device, dtype)
-        n_layers = config.num_hidden_layers
-        d_m = models.key_width(models.key_module(model, 0))
-        max_len = 256 if tiny else 1024
-        docs = random_docs(max(2, tokens // (max_len * 3 // 4)), max_len, config.vocab_size, seed=2)
-        batches = padded_batches(docs, device, 4096 if tiny else 16384)
-        n_tokens = sum(len(d) for d in docs)
-        one_pass(model, batches[:1], [0])  # warm-up
-        row = {"shape": kind, "dtype": str(dtype).replace("torch.", ""), "layers": n_layers, "d_m": d_m,
-               "tokens": n_tokens}
-        ours_s, ours_peak, _ = timed(device, lambda: one_pass(model, batches, list(range(n_layers))))
-        bare_s, bare_peak, _ = timed(device, lambda: bare(model, batches, device))
-        if kind != "llama2_7b":
-            rome_s, rome_peak, _ = timed(device, lambda: [one_pass(model, batches, [l]) for l in range(n_layers)])
-            row["rome_note"] = "measured"
-        else:
-            # one truncated pass per layer: time passes that stop at a few depths, fit t(depth) = a + b*depth
-            depths = sorted({1, max(1, n_layers // 4), max(1, n_layers // 2), n_layers})
-            times = [timed(device, lambda d=d: one_pass(model, batches, [d - 1]))[0] for d in depths]
-            b, a = np.polyfit(depths, times, 1)
-            rome_s = float(sum(a + b * d for d in range(1, n_layers + 1)))
-            rome_peak = float("nan")
-            row["rome_note"] = f"fitted from passes to depths {depths}: {[round(t, 3) for t in times]} s"
-        forward, gram = useful_flops(model, docs, d_m, n_layers)
-        forward_peak = peaks["bf16"] if dtype == torch.bfloat16 else peaks["fp32"]
-        ideal = forward / forward_peak + gram / peaks["fp32"]
-        row.update(ours_tokens_per_s=n_tokens / ours_s, rome_tokens_per_s=n_tokens / rome_s,
-                   bare_tokens_per_s=n_tokens / bare_s, rome_over_ours=rome_s / ours_s, ours_over_bare=ours_s / bare_s,
-                   ours_peak_gib=ours_peak, bare_peak_gib=bare_peak, rome_peak_gib=rome_peak,
-                   fraction_of_ideal_time=ideal / ours_s, forward_flops=forward, gram_flops=gram)
-        rows.append(row)
-        del model
-        empty_cache(device)
-    return rows, peaks
+        yield guarded({"shape": kind, "dtype": str(dtype).replace("torch.", "")}, device,
+                      lambda: throughput_case(device, tiny, peaks, kind, dtype, tokens))
+
+
+def throughput_case(device: str, tiny: bool, peaks: dict, kind: str, dtype, tokens: int) -> dict:
+    config = config_of(kind, tiny, 1000)
+    model = build(config, device, dtype)
+    n_layers = config.num_hidden_layers
+    d_m = models.key_width(models.key_module(model, 0))
+    max_len = 256 if tiny else 1024
+    docs = random_docs(max(2, tokens // (max_len * 3 // 4)), max_len, config.vocab_size, seed=2)
+    batches = padded_batches(docs, device, 4096 if tiny else 16384)
+    n_tokens = sum(len(d) for d in docs)
+    one_pass(model, batches[:1], [0])  # warm-up
+    row = {"layers": n_layers, "d_m": d_m, "tokens": n_tokens}
+    everything = list(range(n_layers))
+    ours_s, ours_peak, _ = timed(device, lambda: one_pass(model, batches, everything))
+    bare_s, bare_peak, _ = timed(device, lambda: bare(model, batches, device))
+    if kind != "llama2_7b":
+        rome_s, rome_peak, _ = timed(device, lambda: [one_pass(model, batches, [l]) for l in range(n_layers)])
+        row["rome_note"] = "measured"
+    else:
+        # one truncated pass per layer: time passes that stop at a few depths, fit t(depth) = a + b*depth
+        depths = sorted({1, max(1, n_layers // 4), max(1, n_layers // 2), n_layers})
+        times = [timed(device, lambda d=d: one_pass(model, batches, [d - 1]))[0] for d in depths]
+        b, a = np.polyfit(depths, times, 1)
+        rome_s = float(sum(a + b * d for d in range(1, n_layers + 1)))
+        rome_peak = float("nan")
+        row["rome_note"] = f"fitted from passes to depths {depths}: {[round(t, 3) for t in times]} s"
+    if kind != "gpt2":
+        # the CPU-tuned layout of the Gram on this device: one transpose copy per chunk instead of 128-row tiles,
+        # and the whole product in one GEMM instead of panels of GRAM_PANEL rows (same tokens, same pass)
+        with patched(stats, "TRANSPOSE_ROWS", 1 << 30):
+            row["untiled_transpose_s"] = timed(device, lambda: one_pass(model, batches, everything))[0]
+        with patched(stats, "GRAM_PANEL", (1 << 30, 1 << 30)):
+            row["one_panel_s"] = timed(device, lambda: one_pass(model, batches, everything))[0]
+    forward, gram = useful_flops(model, docs, d_m, n_layers)
+    forward_peak = peaks["bf16"] if dtype == torch.bfloat16 else peaks["fp32"]
+    ideal = forward / forward_peak + gram / peaks["fp32"]
+    row.update(ours_s=ours_s, bare_s=bare_s, rome_s=rome_s, ours_tokens_per_s=n_tokens / ours_s,
+               rome_tokens_per_s=n_tokens / rome_s, bare_tokens_per_s=n_tokens / bare_s, rome_over_ours=rome_s / ours_s,
+               ours_over_bare=ours_s / bare_s, ours_peak_gib=ours_peak, bare_peak_gib=bare_peak,
+               rome_peak_gib=rome_peak, fraction_of_ideal_time=ideal / ours_s, forward_flops=forward, gram_flops=gram)
+    del model
+    return row
+
+
+@contextlib.contextmanager
+def patched(module, name: str, value):
+    old = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, old)
 
 
 # ------------------------------------------------------------------------------------ 3. Gram precision
@@ -327,7 +374,7 @@ def split_bf16_gram(K: torch.Tensor) -> tuple[torch.Tensor, str]:
     return G + cross + cross.T, how
 
 
-def gram_precision(device: str, tiny: bool) -> list[dict]:
+def gram_precision(device: str, tiny: bool) -> Iterator[dict]:
     n, d = (4096, 256) if tiny else (65536, 4096)
     gen = torch.Generator(device="cpu").manual_seed(3)
     # heavy-tailed keys with a spread spectrum, like down-projection inputs
@@ -338,26 +385,31 @@ def gram_precision(device: str, tiny: bool) -> list[dict]:
     ref = (K64.T @ K64).cpu().numpy() / n
     L = whiten(ref, ridge=1e-8 * np.trace(ref) / d).cholesky
     P_ref = matrices.superposition_matrices(keys.numpy(), L)["P"]
-    out = []
     for method in ("float32", "tf32", "split_bf16", "float64"):
-        stats.set_matmul_precision(method == "tf32")
+        yield guarded({"method": method}, device, lambda: gram_case(device, method, K, K64, keys, ref, P_ref))
+    stats.set_matmul_precision(False)
 
-        def gram():
-            if method == "float64":
-                return K64.T @ K64, "float64 GEMM"
-            if method == "split_bf16":
-                return split_bf16_gram(K)
-            return K.T @ K, f"{method} GEMM"
 
+def gram_case(device, method, K, K64, keys, ref, P_ref) -> dict:
+    n, d = K.shape
+    stats.set_matmul_precision(method == "tf32")
+
+    def gram():
+        if method == "float64":
+            return K64.T @ K64, "float64 GEMM"
+        if method == "split_bf16":
+            return split_bf16_gram(K)
+        return K.T @ K, f"{method} GEMM"
+
+    try:
         gram()  # warm-up
         seconds, _, (G, how) = timed(device, gram)
-        C = G.double().cpu().numpy() / n
-        P = matrices.superposition_matrices(keys.numpy(), np.linalg.cholesky(C + 1e-8 * np.trace(ref) / d
-                                                                             * np.eye(d)))["P"]
-        out.append({"method": method, "how": how, "seconds": seconds, "C_rel_err": rel(C, ref),
-                    "P_max_abs_err": float(np.abs(P - P_ref).max()), "n": n, "d": d})
-    stats.set_matmul_precision(False)
-    return out
+    finally:
+        stats.set_matmul_precision(False)
+    C = G.double().cpu().numpy() / n
+    P = matrices.superposition_matrices(keys.numpy(), np.linalg.cholesky(C + 1e-8 * np.trace(ref) / d * np.eye(d)))["P"]
+    return {"how": how, "seconds": seconds, "C_rel_err": rel(C, ref), "P_max_abs_err": float(np.abs(P - P_ref).max()),
+            "n": n, "d": d}
 
 
 # ------------------------------------------------------------------------------------ 4. paper GPU-hours
@@ -376,11 +428,13 @@ def paper_hours(rows: list[dict], tokens_per_article: float) -> list[dict]:
         "gpt-j-6b": (4096, 16384, 28), "llama-2-7b": (4096, 11008, 32), "llama-2-13b": (5120, 13824, 40),
         "llama-3-8b": (4096, 14336, 32), "llama-3.1-8b": (4096, 14336, 32),
     }
-    by_shape = {r["shape"]: r for r in rows}
+    by_shape = {r["shape"]: r for r in rows if "error" not in r}
     out = []
     for name, entry in paper["models"].items():
         d_model, d_m, n_layers = shapes[name]
-        ref = by_shape["gpt2" if name.startswith("gpt2") else "llama2_7b"]
+        ref = by_shape.get("gpt2" if name.startswith("gpt2") else "llama2_7b")
+        if ref is None:  # its measurement failed: reported in the throughput table
+            continue
         seconds_per_flop = (ref["tokens"] / ref["ours_tokens_per_s"]) / (ref["forward_flops"] + ref["gram_flops"])
         tokens = n_docs * tokens_per_article
         params = entry["params_millions"] * 1e6
@@ -399,19 +453,32 @@ def markdown(result: dict) -> str:
     lines += ["| model | C err fp32 | C err TF32 | C err bf16 weights | keys vs CPU | keys batch 1 vs 16 | P vs CPU |",
               "|---|---:|---:|---:|---:|---:|---:|"]
     for r in result["correctness"]:
+        if "error" in r:
+            lines.append(f"| {r['model']} | error: {r['error'][:200]} | | | | | |")
+            continue
         lines.append(f"| {r['model']} | {r['C_rel_err_fp32']:.1e} | {r['C_rel_err_tf32']:.1e} | "
                      f"{r.get('C_rel_err_bf16_weights', float('nan')):.1e} | {r['keys_rel_err_vs_cpu']:.1e} | "
                      f"{r['keys_rel_err_batch1_vs_16']:.1e} | {r['P_max_abs_err_vs_cpu']:.1e} |")
     p = result["peaks"]
     lines += ["", f"GEMM peaks: fp32 {p['fp32'] / 1e12:.1f} TFLOP/s, bf16 {p['bf16'] / 1e12:.1f} TFLOP/s", "",
               "| shape | dtype | tokens | ours tok/s | ROME-style tok/s | bare tok/s | ROME/ours | ours/bare | "
-              "peak GiB (ours) | of ideal time |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "peak GiB (ours) | of ideal time | untiled transpose / ours | one panel / ours |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["throughput"]:
+        if "error" in r:
+            lines.append(f"| {r['shape']} | {r['dtype']} | error: {r['error'][:200]} |" + " |" * 9)
+            continue
+        variants = " | ".join(f"{r[k] / r['ours_s']:.2f}" if k in r else "" for k in ("untiled_transpose_s",
+                                                                                        "one_panel_s"))
         lines.append(f"| {r['shape']} | {r['dtype']} | {r['tokens']} | {r['ours_tokens_per_s']:.0f} | "
                      f"{r['rome_tokens_per_s']:.0f} | {r['bare_tokens_per_s']:.0f} | {r['rome_over_ours']:.2f} | "
-                     f"{r['ours_over_bare']:.2f} | {r['ours_peak_gib']:.1f} | {r['fraction_of_ideal_time']:.0%} |")
+                     f"{r['ours_over_bare']:.2f} | {r['ours_peak_gib']:.1f} | {r['fraction_of_ideal_time']:.0%} | "
+                     f"{variants} |")
     lines += ["", "| Gram | seconds | C rel err | P max abs err | how |", "|---|---:|---:|---:|---|"]
     for r in result["gram_precision"]:
+        if "error" in r:
+            lines.append(f"| {r['method']} | error: {r['error'][:200]} | | | |")
+            continue
         lines.append(f"| {r['method']} | {r['seconds']:.4f} | {r['C_rel_err']:.1e} | {r['P_max_abs_err']:.1e} | "
                      f"{r['how']} |")
     lines += ["", "| paper model | d_m | layers | GPU hours (scaled) | scaled from |", "|---|---:|---:|---:|---|"]
@@ -419,6 +486,8 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['model']} | {r['d_m']} | {r['layers']} | {r['hours']:.1f} | {r['scaled_from']} |")
     total = sum(r["hours"] for r in result["paper_hours"])
     lines.append(f"| **total** | | | **{total:.0f}** | |")
+    for e in result["errors"]:
+        lines.append(f"section {e['section']} failed: {e['error'][:300]}")
     if result["tiny"]:
         lines.append("(tiny sizes: every number above is a smoke test of the code paths, not a measurement)")
     return "\n".join(lines)
@@ -430,9 +499,15 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes: a CPU smoke run of every code path")
     parser.add_argument("--tokens-per-article", type=float, default=700.0, help="for the paper's GPU-hours")
-    parser.add_argument("--sections", nargs="*", default=["correctness", "throughput", "gram_precision"])
+    parser.add_argument("--sections", nargs="*", default=["correctness", "gram_precision", "throughput"],
+                        choices=["correctness", "gram_precision", "throughput"])
+    parser.add_argument("--budget", type=float, default=float("inf"),
+                        help="seconds after which no further case starts (the rest are reported as skipped)")
     args = parser.parse_args()
     import transformers
+
+    global DEADLINE
+    DEADLINE = time.perf_counter() + args.budget
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -440,19 +515,31 @@ def main() -> None:
               "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor()
               or "cpu", "torch": torch.__version__, "transformers": transformers.__version__,
               "correctness": [], "throughput": [], "peaks": {"fp32": float("nan"), "bf16": float("nan")},
-              "gram_precision": [], "paper_hours": []}
+              "gram_precision": [], "paper_hours": [], "errors": []}
     started = time.perf_counter()
+
+    def save():  # after every row: a run stopped at its time limit still leaves what it measured
+        (out / "gpu_check.json").write_text(json.dumps(result, indent=1, default=float))
+
     for section in args.sections:
         t0 = time.perf_counter()
-        if section == "correctness":
-            result["correctness"] = correctness(args.device, args.tiny)
-        elif section == "throughput":
-            result["throughput"], result["peaks"] = throughput(args.device, args.tiny)
-            result["paper_hours"] = paper_hours(result["throughput"], args.tokens_per_article)
-        elif section == "gram_precision":
-            result["gram_precision"] = gram_precision(args.device, args.tiny)
+        try:
+            if section == "throughput":
+                result["peaks"] = gemm_peaks(args.device, args.tiny)
+                rows = throughput(args.device, args.tiny, result["peaks"])
+            else:
+                rows = {"correctness": correctness, "gram_precision": gram_precision}[section](args.device, args.tiny)
+            for row in rows:
+                result[section].append(row)
+                save()
+            if section == "throughput":
+                result["paper_hours"] = paper_hours(result["throughput"], args.tokens_per_article)
+        except Exception as error:  # noqa: BLE001 - the other sections still run
+            result["errors"].append({"section": section, "error": f"{type(error).__name__}: {error}",
+                                     "traceback": traceback.format_exc()[-4000:]})
+            print(result["errors"][-1]["traceback"], file=sys.stderr, flush=True)
         result[f"{section}_seconds"] = time.perf_counter() - t0
-        (out / "gpu_check.json").write_text(json.dumps(result, indent=1, default=float))  # partial results too
+        save()
     result["seconds"] = time.perf_counter() - started
     table = markdown(result)
     (out / "gpu_check.json").write_text(json.dumps(result, indent=1, default=float))

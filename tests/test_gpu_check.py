@@ -18,6 +18,9 @@ def test_gpu_check_runs_every_section_on_the_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "gpu_check.json").read_text())
     assert (tmp_path / "gpu_check.md").read_text().startswith("GPU check, ")
+    # every case ran: the script reports a failing case as a row with an error and goes on
+    assert result["errors"] == [] and not [r for section in ("correctness", "throughput", "gram_precision")
+                                           for r in result[section] if "error" in r]
     assert {r["model"] for r in result["correctness"]} == {"gpt2", "gptj", "gpt_neox", "llama", "gemma3_text",
                                                            "smollm2-shape"}
     for row in result["correctness"]:
