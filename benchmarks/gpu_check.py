@@ -76,18 +76,18 @@ def family_config(family: str, vocab: int):
 
     common = dict(vocab_size=vocab)
     if family == "gpt2":
-        return tf.GPT2Config(n_positions=256, n_embd=32, n_layer=3, n_head=4, **common)
+        return tf.GPT2Config(n_positions=512, n_embd=32, n_layer=3, n_head=4, **common)
     if family == "gptj":
-        return tf.GPTJConfig(n_positions=256, n_embd=32, n_layer=3, n_head=4, rotary_dim=4, **common)
+        return tf.GPTJConfig(n_positions=512, n_embd=32, n_layer=3, n_head=4, rotary_dim=4, **common)
     if family == "gpt_neox":
         return tf.GPTNeoXConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
-                                max_position_embeddings=256, **common)
+                                max_position_embeddings=512, **common)
     if family == "llama":
         return tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                              num_key_value_heads=2, max_position_embeddings=256, **common)
+                              num_key_value_heads=2, max_position_embeddings=512, **common)
     if family == "gemma3_text":
         return tf.Gemma3TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                                   num_key_value_heads=2, head_dim=8, max_position_embeddings=256, sliding_window=16,
+                                   num_key_value_heads=2, head_dim=8, max_position_embeddings=512, sliding_window=16,
                                    **common)
     raise ValueError(family)
 
@@ -297,6 +297,7 @@ def throughput(device: str, tiny: bool, peaks: dict) -> Iterator[dict]:
     stats.set_matmul_precision(False)
     for kind, dtype, tokens in (("smollm2", torch.float32, 2_000 if tiny else 400_000),
                                 ("gpt2", torch.float32, 2_000 if tiny else 400_000),
+                                ("gpt2", torch.bfloat16, 2_000 if tiny else 400_000),  # config/paper.yaml's dtype
                                 ("llama2_7b", torch.bfloat16, 2_000 if tiny else 120_000)):
         yield guarded({"shape": kind, "dtype": str(dtype).replace("torch.", "")}, device,
                       lambda: throughput_case(device, tiny, peaks, kind, dtype, tokens))
@@ -328,12 +329,19 @@ def throughput_case(device: str, tiny: bool, peaks: dict, kind: str, dtype, toke
         rome_peak = float("nan")
         row["rome_note"] = f"fitted from passes to depths {depths}: {[round(t, 3) for t in times]} s"
     if kind != "gpt2":
-        # the CPU-tuned layout of the Gram on this device: one transpose copy per chunk instead of 128-row tiles,
-        # and the whole product in one GEMM instead of panels of GRAM_PANEL rows (same tokens, same pass)
-        with patched(stats, "TRANSPOSE_ROWS", 1 << 30):
-            row["untiled_transpose_s"] = timed(device, lambda: one_pass(model, batches, everything))[0]
-        with patched(stats, "GRAM_PANEL", (1 << 30, 1 << 30)):
-            row["one_panel_s"] = timed(device, lambda: one_pass(model, batches, everything))[0]
+        # the Gram's layout on this device, each against the default (same tokens, same pass): the pending keys
+        # transposed in 128-row tiles (the CPU's) or whole chunks, the whole product in one GEMM instead of panels
+        # of GRAM_PANEL rows; and the TF32 products (stats.allow_tf32, the user's trade-off: error in section 1)
+        for name, attribute, value in (("tiled_transpose", "TRANSPOSE_ROWS", (128, 128)),
+                                       ("whole_transpose", "TRANSPOSE_ROWS", (None, None)),
+                                       ("one_panel", "GRAM_PANEL", (1 << 30, 1 << 30))):
+            with patched(stats, attribute, value):
+                row[f"{name}_s"] = timed(device, lambda: one_pass(model, batches, everything))[0]
+        stats.set_matmul_precision(True)
+        try:
+            row["tf32_s"] = timed(device, lambda: one_pass(model, batches, everything))[0]
+        finally:
+            stats.set_matmul_precision(False)
     forward, gram = useful_flops(model, docs, d_m, n_layers)
     forward_peak = peaks["bf16"] if dtype == torch.bfloat16 else peaks["fp32"]
     ideal = forward / forward_peak + gram / peaks["fp32"]
@@ -416,8 +424,10 @@ def gram_case(device, method, K, K64, keys, ref, P_ref) -> dict:
 
 
 def paper_hours(rows: list[dict], tokens_per_article: float) -> list[dict]:
-    """Hours of the statistics stage per paper model: the measured seconds per useful FLOP of the closest measured
-    shape (7B-shaped bf16 run for models of 1B+, the float32 GPT-2 run for GPT-2), times each model's FLOPs."""
+    """Hours of the statistics stage per paper model (config/paper.yaml: bf16 weights, float32 Gram), scaled from
+    the measured bf16 rows with two rates: the forward's FLOP/s from the bare forward's time, the Gram's from
+    (ours - bare) seconds; GPT-2 models from the GPT-2-small row, the others from the Llama-2-7B row. Forward FLOPs
+    are 2 x parameters per token (embeddings included: a slight overcount), the Gram's d_m^2 per token and layer."""
     import yaml
 
     paper = yaml.safe_load((REPO / "config/paper.yaml").read_text())
@@ -428,19 +438,21 @@ def paper_hours(rows: list[dict], tokens_per_article: float) -> list[dict]:
         "gpt-j-6b": (4096, 16384, 28), "llama-2-7b": (4096, 11008, 32), "llama-2-13b": (5120, 13824, 40),
         "llama-3-8b": (4096, 14336, 32), "llama-3.1-8b": (4096, 14336, 32),
     }
-    by_shape = {r["shape"]: r for r in rows if "error" not in r}
+    measured = {r["shape"]: r for r in rows if "error" not in r and r["dtype"] == "bfloat16"}
     out = []
     for name, entry in paper["models"].items():
         d_model, d_m, n_layers = shapes[name]
-        ref = by_shape.get("gpt2" if name.startswith("gpt2") else "llama2_7b")
+        ref = measured.get("gpt2" if name.startswith("gpt2") else "llama2_7b")
         if ref is None:  # its measurement failed: reported in the throughput table
             continue
-        seconds_per_flop = (ref["tokens"] / ref["ours_tokens_per_s"]) / (ref["forward_flops"] + ref["gram_flops"])
+        forward_rate = ref["forward_flops"] / ref["bare_s"]
+        gram_rate = ref["gram_flops"] / max(ref["ours_s"] - ref["bare_s"], 1e-9)
         tokens = n_docs * tokens_per_article
-        params = entry["params_millions"] * 1e6
-        flops = 2 * params * tokens + n_layers * d_m * d_m * tokens
-        out.append({"model": name, "d_m": d_m, "layers": n_layers, "hours": flops * seconds_per_flop / 3600,
-                    "scaled_from": ref["shape"]})
+        forward = 2 * entry["params_millions"] * 1e6 * tokens
+        gram = n_layers * d_m * d_m * tokens
+        out.append({"model": name, "d_m": d_m, "layers": n_layers, "scaled_from": ref["shape"],
+                    "forward_hours": forward / forward_rate / 3600, "gram_hours": gram / gram_rate / 3600,
+                    "hours": (forward / forward_rate + gram / gram_rate) / 3600})
     return out
 
 
@@ -462,14 +474,14 @@ def markdown(result: dict) -> str:
     p = result["peaks"]
     lines += ["", f"GEMM peaks: fp32 {p['fp32'] / 1e12:.1f} TFLOP/s, bf16 {p['bf16'] / 1e12:.1f} TFLOP/s", "",
               "| shape | dtype | tokens | ours tok/s | ROME-style tok/s | bare tok/s | ROME/ours | ours/bare | "
-              "peak GiB (ours) | of ideal time | untiled transpose / ours | one panel / ours |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "peak GiB (ours) | of ideal time | tiled transpose / ours | whole transpose / ours | one panel / ours "
+              "| TF32 / ours |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["throughput"]:
         if "error" in r:
-            lines.append(f"| {r['shape']} | {r['dtype']} | error: {r['error'][:200]} |" + " |" * 9)
+            lines.append(f"| {r['shape']} | {r['dtype']} | error: {r['error'][:200]} |" + " |" * 11)
             continue
-        variants = " | ".join(f"{r[k] / r['ours_s']:.2f}" if k in r else "" for k in ("untiled_transpose_s",
-                                                                                        "one_panel_s"))
+        variants = " | ".join(f"{r[k] / r['ours_s']:.2f}" if k in r else "" for k in (
+            "tiled_transpose_s", "whole_transpose_s", "one_panel_s", "tf32_s"))
         lines.append(f"| {r['shape']} | {r['dtype']} | {r['tokens']} | {r['ours_tokens_per_s']:.0f} | "
                      f"{r['rome_tokens_per_s']:.0f} | {r['bare_tokens_per_s']:.0f} | {r['rome_over_ours']:.2f} | "
                      f"{r['ours_over_bare']:.2f} | {r['ours_peak_gib']:.1f} | {r['fraction_of_ideal_time']:.0%} | "
@@ -481,11 +493,13 @@ def markdown(result: dict) -> str:
             continue
         lines.append(f"| {r['method']} | {r['seconds']:.4f} | {r['C_rel_err']:.1e} | {r['P_max_abs_err']:.1e} | "
                      f"{r['how']} |")
-    lines += ["", "| paper model | d_m | layers | GPU hours (scaled) | scaled from |", "|---|---:|---:|---:|---|"]
+    lines += ["", "| paper model | d_m | layers | forward h | Gram h | GPU hours (scaled) | scaled from |",
+              "|---|---:|---:|---:|---:|---:|---|"]
     for r in result["paper_hours"]:
-        lines.append(f"| {r['model']} | {r['d_m']} | {r['layers']} | {r['hours']:.1f} | {r['scaled_from']} |")
+        lines.append(f"| {r['model']} | {r['d_m']} | {r['layers']} | {r['forward_hours']:.2f} | "
+                     f"{r['gram_hours']:.2f} | {r['hours']:.1f} | {r['scaled_from']} |")
     total = sum(r["hours"] for r in result["paper_hours"])
-    lines.append(f"| **total** | | | **{total:.0f}** | |")
+    lines.append(f"| **total** | | | | | **{total:.1f}** | |")
     for e in result["errors"]:
         lines.append(f"section {e['section']} failed: {e['error'][:300]}")
     if result["tiny"]:

@@ -12,7 +12,7 @@ import timeit
 
 import torch
 
-from superposition.stats import LayerGram
+from superposition.stats import TRANSPOSE_ROWS, LayerGram
 
 
 def best(fn, repeats: int) -> float:
@@ -32,7 +32,7 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     for d_m in args.d_m:
         chunks = [torch.randn(n, d_m, generator=generator) for n in args.chunks]
-        gram = LayerGram(d_m, torch.device("cpu"), panel_rows=256)
+        gram = LayerGram(d_m, torch.device("cpu"), panel_rows=256, transpose_rows=TRANSPOSE_ROWS[0])
         tiled = gram._transposed(chunks)
         before = torch.cat([c.T for c in chunks], dim=1)
         if not torch.equal(tiled, before):

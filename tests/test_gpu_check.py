@@ -29,7 +29,8 @@ def test_gpu_check_runs_every_section_on_the_cpu(tmp_path):
         # bf16 weights change the keys: a visible error, larger than float32's
         assert row["C_rel_err_bf16_weights"] > 10 * row["C_rel_err_fp32"], row
         assert row["keys_rel_err_batch1_vs_16"] < 1e-5, row
-    assert [r["shape"] for r in result["throughput"]] == ["smollm2", "gpt2", "llama2_7b"]
+    assert [(r["shape"], r["dtype"]) for r in result["throughput"]] == [
+        ("smollm2", "float32"), ("gpt2", "float32"), ("gpt2", "bfloat16"), ("llama2_7b", "bfloat16")]
     assert all(r["ours_tokens_per_s"] > 0 and r["rome_over_ours"] > 0 for r in result["throughput"])
     grams = {r["method"]: r for r in result["gram_precision"]}
     assert grams["float32"]["C_rel_err"] < 1e-5 and grams["split_bf16"]["C_rel_err"] < 1e-4

@@ -117,24 +117,41 @@ def test_a_document_longer_than_a_batch_is_a_batch_of_its_own_whole(model_type, 
     assert alone["n_batches"] == 2 and alone["n_tokens"] == 105
 
 
-@pytest.mark.parametrize("panel", [16, 24, 64])
-@pytest.mark.parametrize("numpy_add", [True, False], ids=["cpu-add", "torch-add"])
-def test_gram_by_upper_panels_equals_reference(panel, numpy_add, monkeypatch):
-    """The batch Gram is computed as block rows of its upper triangle (d_m = 64: 4 panels, 3 with a short one, or 1)
-    and added by numpy (CPU) or torch (the GPU's path, run here on the CPU), over keys gathered from several
-    forward batches."""
+def panel_sums(panel: int, path: str, transpose_rows, monkeypatch):
+    """Float64 sums of layers 0 and 2 over forward batches whose keys wait for a Gram of 100 tokens, the batch Gram
+    in ``panel``-row block rows, added by numpy (the CPU's path) or torch (the GPU's, run here on the CPU)."""
     monkeypatch.setattr(stats, "GRAM_PANEL", (panel, panel))
+    monkeypatch.setattr(stats, "TRANSPOSE_ROWS", (transpose_rows, transpose_rows))
     model = tiny_model("llama").double()
     docs = random_docs()
     accumulator = stats.GramAccumulator(model, [0, 2], "float64", gram_tokens=100)
-    accumulator.numpy_add = numpy_add
+    for gram in accumulator.grams.values():
+        assert gram.numpy_add  # on the CPU by default
+        gram.numpy_add = path == "cpu-add"
     with accumulator:
         for index, batch in enumerate(stats.token_batches([len(d) for d in docs], 120, 64)):
             accumulator.add_batch(*stats.pad_batch([docs[i] for i in batch], 0), index)
+    return model, docs, accumulator
+
+
+@pytest.mark.parametrize("panel", [16, 24, 64])
+@pytest.mark.parametrize("path, transpose_rows", [("cpu-add", 7), ("torch-add", None)])
+def test_gram_by_upper_panels_equals_reference(panel, path, transpose_rows, monkeypatch):
+    """The batch Gram as block rows of its upper triangle (d_m = 64: 4 panels, 3 with a short one, or 1) over keys
+    gathered from several forward batches, laid out as keys^T in tiles (the CPU's) or whole chunks (the GPU's)."""
+    model, docs, accumulator = panel_sums(panel, path, transpose_rows, monkeypatch)
     ref = reference_second_moments(model, docs, [0, 2])
     for layer, S in accumulator.symmetric_sums().items():
         assert np.array_equal(S, S.T)
         assert np.linalg.norm(S / accumulator.count - ref[layer][0]) <= 1e-10 * np.linalg.norm(ref[layer][0])
+
+
+@pytest.mark.parametrize("path", ["cpu-add", "torch-add"])
+def test_the_transpose_layout_does_not_change_a_bit_of_the_sums(path, monkeypatch):
+    """Tiles of any size or whole chunks only move the keys: the same bytes (stats.TRANSPOSE_ROWS differs by device)."""
+    sums = {rows: panel_sums(24, path, rows, monkeypatch)[2].symmetric_sums() for rows in (7, 128, None)}
+    for rows in (128, None):
+        assert all(np.array_equal(sums[rows][layer], sums[7][layer]) for layer in (0, 2)), rows
 
 
 def test_float32_batch_gram_is_close_to_reference(tmp_path):

@@ -43,11 +43,13 @@ GRAM_PANEL = (256, 1024)
 # batches are large already and memory is scarcer: 0 computes every forward batch's Gram at once.
 GRAM_TOKENS = (2048, 0)
 
-# Rows of keys transposed per copy when the pending keys are laid out as keys^T for the Gram: a tile that stays in
-# the cache. benchmarks/gram_transpose.py (2 threads, 2,048 keys in three chunks): d_m = 2,048 (a power-of-two
-# stride) 2.5 ms against 10.8 ms for torch.cat of the transposed chunks (the copy before), d_m = 1,536 2.0 against
-# 2.1 ms; the same bytes. Tiles of 64-256 rows measured alike.
-TRANSPOSE_ROWS = 128
+# Rows of keys transposed per copy when the pending keys are laid out as keys^T for the Gram: (CPU, CUDA); None
+# copies each chunk whole. On the CPU a tile that stays in the cache: benchmarks/gram_transpose.py (2 threads, 2,048
+# keys in three chunks) d_m = 2,048 (a power-of-two stride) 2.5 ms against 10.8 ms for whole chunks, d_m = 1,536 2.0
+# against 2.1 ms; tiles of 64-256 rows measured alike. On an H200 (benchmarks/gpu_check.py, 2026-12-04) the tiles'
+# many small copies made the whole statistics pass 1.19x (SmolLM2 shape, float32) and 1.14x (Llama-2-7B, bf16)
+# slower than whole chunks. Either way the same bytes.
+TRANSPOSE_ROWS = (128, None)
 
 
 class StopForward(Exception):
@@ -106,12 +108,13 @@ class LayerGram:
     the panels); on a GPU torch does.
     """
 
-    def __init__(self, d_m: int, device, panel_rows: int):
+    def __init__(self, d_m: int, device, panel_rows: int, transpose_rows: int | None):
         import torch
 
         self._torch = torch
         self.sum = torch.zeros((d_m, d_m), dtype=torch.float64, device=device)
         self.panel_rows = panel_rows
+        self.transpose_rows = transpose_rows
         self.numpy_add = device.type == "cpu"
         self.pending: list = []  # (n, d_m) chunks of keys in the batches' order
 
@@ -140,8 +143,9 @@ class LayerGram:
                                    device=first.device)
         column = 0
         for chunk in chunks:
-            for row in range(0, len(chunk), TRANSPOSE_ROWS):
-                tile = chunk[row:row + TRANSPOSE_ROWS]
+            step = self.transpose_rows or max(len(chunk), 1)
+            for row in range(0, len(chunk), step):
+                tile = chunk[row:row + step]
                 keys_t[:, column:column + len(tile)] = tile.T
                 column += len(tile)
         return keys_t
@@ -221,8 +225,8 @@ class GramAccumulator:
         self.gram_tokens = GRAM_TOKENS[on_gpu] if gram_tokens is None else gram_tokens
         if self.gram_tokens < 0:
             raise ValueError(f"stats.gram_tokens must be >= 0, got {self.gram_tokens}")
-        self.grams = {layer: LayerGram(key_width(key_module(model, layer)), self.device, GRAM_PANEL[on_gpu])
-                      for layer in self.layers}
+        self.grams = {layer: LayerGram(key_width(key_module(model, layer)), self.device, GRAM_PANEL[on_gpu],
+                                       TRANSPOSE_ROWS[on_gpu]) for layer in self.layers}
         self.count = 0
         self.hooks = KeyHooks(model, self.layers, self._take_keys)
         # the batches whose keys wait for their Gram, their tokens, and this batch's (layer, what, flag) checks
