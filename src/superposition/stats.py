@@ -46,9 +46,9 @@ GRAM_TOKENS = (2048, 0)
 # Rows of keys transposed per copy when the pending keys are laid out as keys^T for the Gram: (CPU, CUDA); None
 # copies each chunk whole. On the CPU a tile that stays in the cache: benchmarks/gram_transpose.py (2 threads, 2,048
 # keys in three chunks) d_m = 2,048 (a power-of-two stride) 2.5 ms against 10.8 ms for whole chunks, d_m = 1,536 2.0
-# against 2.1 ms; tiles of 64-256 rows measured alike. On an H200 (benchmarks/gpu_check.py, 2026-12-04) the tiles'
-# many small copies made the whole statistics pass 1.19x (SmolLM2 shape, float32) and 1.14x (Llama-2-7B, bf16)
-# slower than whole chunks. Either way the same bytes.
+# against 2.1 ms; tiles of 64-256 rows measured alike. On an H200 (benchmarks/gpu_check.py, 2026-12-04, passes in
+# one run) the tiles' many small copies made the whole statistics pass of a SmolLM2 shape (float32) 1.34x slower
+# than whole chunks, of a Llama-2-7B shape (bf16, d_m = 11,008) 1.01x. Either way the same bytes.
 TRANSPOSE_ROWS = (128, None)
 
 
@@ -159,7 +159,7 @@ class KeyHooks:
     """Forward-pre hooks on the down projections of ``layers``: each hands its layer's keys at the real tokens
     (``mask``, set before each forward) to ``take(layer, keys)``; the last layer's hook stops the forward."""
 
-    def __init__(self, model, layers: Sequence[int], take: Callable[[int, Any], None]):
+    def __init__(self, model, layers: Sequence[int], take: Callable[[int, Any], None] | None):
         self.model, self.layers, self.take = model, list(layers), take
         self.mask = None
         self._handles: list = []
@@ -228,7 +228,9 @@ class GramAccumulator:
         self.grams = {layer: LayerGram(key_width(key_module(model, layer)), self.device, GRAM_PANEL[on_gpu],
                                        TRANSPOSE_ROWS[on_gpu]) for layer in self.layers}
         self.count = 0
-        self.hooks = KeyHooks(model, self.layers, self._take_keys)
+        # the hooks reach back to this accumulator only inside its `with` block: a lasting reference cycle would
+        # keep the float64 sums (31 GB for Llama-2-7B on a GPU) alive until Python's cycle collector happens to run
+        self.hooks = KeyHooks(model, self.layers, take=None)
         # the batches whose keys wait for their Gram, their tokens, and this batch's (layer, what, flag) checks
         self._pending_batches: list[int] = []
         self._pending_tokens = 0
@@ -276,10 +278,12 @@ class GramAccumulator:
         return {layer: gram.symmetric() for layer, gram in self.grams.items()}
 
     def __enter__(self):
+        self.hooks.take = self._take_keys
         self.hooks.__enter__()
         return self
 
     def __exit__(self, *exc):
+        self.hooks.take = None
         return self.hooks.__exit__(*exc)
 
     def add_batch(self, ids, mask, positions, batch_index: int) -> int:
