@@ -34,7 +34,7 @@ class NonFiniteActivationError(FloatingPointError):
 
 # Rows per block row of the batch Gram: (CPU, CUDA). 192-384 measured equally fast on the CPU for d_m = 1536. On an
 # H200 (benchmarks/gpu_check.py, 2026-12-04) the whole product in one GEMM instead of 1,024-row panels made the
-# statistics pass 1.06x (SmolLM2 shape) and 1.40x (Llama-2-7B shape) slower.
+# statistics pass 1.07x (SmolLM2 shape) and 1.46x (Llama-2-7B shape) slower than the panels' in the same run.
 GRAM_PANEL = (256, 1024)
 
 # Tokens of keys a layer collects before its Gram is computed: (CPU, CUDA). On the CPU the forward batches that
