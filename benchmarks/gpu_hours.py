@@ -1,8 +1,8 @@
 """Estimated GPU hours of the activation-statistics stage of a config (run by hand; an estimate, not a measurement).
 
 For config/paper.yaml on an H200 the README's table is scaled from measured passes instead
-(benchmarks/gpu_check.py, docs/gpu_check_h200/); this script estimates other GPUs. The estimate counts floating-point operations of our single pass and
-divides by an assumed sustained throughput:
+(benchmarks/gpu_check.py, docs/gpu_check_h200/); this script estimates other GPUs. The estimate counts
+floating-point operations of our single pass and divides by an assumed sustained throughput:
 
     forward  = 2 * parameters * tokens                     (bfloat16 weights, stats.model_dtype)
     Gram     = 2 * layers * tokens * sum over panels of rows * (d_m - first row)
