@@ -25,7 +25,6 @@ Sections:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import gc
 import json
@@ -35,6 +34,7 @@ import time
 import traceback
 from pathlib import Path
 from typing import Callable, Iterator
+from unittest import mock
 
 import numpy as np
 import torch
@@ -340,7 +340,7 @@ def throughput_case(device: str, tiny: bool, peaks: dict, kind: str, dtype, toke
         for name, attribute, value in (("tiled_transpose", "TRANSPOSE_ROWS", (128, 128)),
                                        ("whole_transpose", "TRANSPOSE_ROWS", (None, None)),
                                        ("one_panel", "GRAM_PANEL", (1 << 30, 1 << 30))):
-            with patched(stats, attribute, value):
+            with mock.patch.object(stats, attribute, value):
                 row[f"{name}_s"] = timed(device, lambda: one_pass(model, batches, everything))[0]
         stats.set_matmul_precision(True)
         try:
@@ -356,16 +356,6 @@ def throughput_case(device: str, tiny: bool, peaks: dict, kind: str, dtype, toke
                rome_peak_gib=rome_peak, fraction_of_ideal_time=ideal / ours_s, forward_flops=forward, gram_flops=gram)
     del model
     return row
-
-
-@contextlib.contextmanager
-def patched(module, name: str, value):
-    old = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, old)
 
 
 # ------------------------------------------------------------------------------------ 3. Gram precision

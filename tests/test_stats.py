@@ -154,7 +154,7 @@ def test_the_transpose_layout_does_not_change_a_bit_of_the_sums(path, monkeypatc
         assert all(np.array_equal(sums[rows][layer], sums[7][layer]) for layer in (0, 2)), rows
 
 
-def test_an_accumulator_is_freed_when_its_last_reference_goes(monkeypatch):
+def test_an_accumulator_is_freed_when_its_last_reference_goes():
     """No reference cycle outlives the `with` block: the sums go with the accumulator, without the cycle collector
     (on a GPU, sums left to it ran a Llama-2-7B shape out of memory on its fifth pass in one process)."""
     import gc
